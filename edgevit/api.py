@@ -1,0 +1,250 @@
+"""Public export API: ``export_model`` for zoo names and any ``nn.Module``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+import edgevit
+from edgevit.devices.runtimes import can_run, load_runner
+from edgevit.errors import EdgevitError, ParityError
+from edgevit.export.capture import capture, flatten_outputs, output_names
+from edgevit.export.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    host_info,
+    place,
+    prepare_out_dir,
+    sha256_of,
+    write_json_atomic,
+)
+from edgevit.export.parity import ParityReport, compare
+from edgevit.export.targets import Target, get_target, resolve_precision
+from edgevit.registry import ModelInfo, check_input_size, create_model, model_info
+
+PARITY_SAMPLES = 3
+
+
+@dataclass
+class ExportResult:
+    """What one export produced: the artifact, its manifest (also on disk) and the parity report."""
+
+    artifact: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+    parity: ParityReport
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.parity.passed
+
+
+@dataclass
+class _Subject:
+    model: nn.Module
+    name: str
+    info: ModelInfo | None
+    example_inputs: tuple[torch.Tensor, ...]
+    seed: int
+
+
+def export_model(
+    model_or_name: nn.Module | str,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    target: str = "onnx",
+    out: str | os.PathLike = "exports",
+    precision: str | None = None,
+    *,
+    verify: bool = True,
+    input_size: int | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    latency_runs: int = 0,
+) -> ExportResult:
+    """Export a zoo model (by name) or any module to ``target``, check parity, write a manifest.
+
+    The artifact and ``manifest.json`` land in ``out``. ``precision`` defaults to the target's default.
+    A parity failure still writes both (the manifest says ``failed``) and then raises
+    :class:`~edgevit.errors.ParityError`, whose ``result`` attribute holds the :class:`ExportResult`.
+    """
+    tgt = get_target(target)
+    precision = resolve_precision(tgt, precision)
+    tgt.check_installed()
+    subject = _prepare_subject(model_or_name, example_inputs, input_size, name, seed)
+    out_dir = prepare_out_dir(Path(out))
+    program = capture(subject.model, subject.example_inputs)
+    with torch.no_grad():
+        example_out = subject.model(*subject.example_inputs)
+    names = output_names(example_out)
+
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # the old manifest must not vouch for new files
+    staging = Path(tempfile.mkdtemp(prefix=".edgevit-tmp-", dir=out_dir))
+    try:
+        staged = staging / f"{subject.name}{tgt.suffix}"
+        _convert(tgt, program, subject.example_inputs, staged, precision)
+        if verify:
+            parity = _verify(tgt, staged, subject, names, precision, latency_runs)
+        else:
+            parity = ParityReport("skipped", precision, detail="--no-verify: parity not checked")
+        files = [out_dir / f.name for f in sorted(staging.iterdir())]
+        for f in sorted(staging.iterdir()):
+            place(f, out_dir / f.name)
+        artifact = out_dir / staged.name
+        manifest = _manifest(tgt, subject, precision, artifact, files, parity, example_out, names)
+        manifest_path = out_dir / MANIFEST_NAME
+        write_json_atomic(manifest_path, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result = ExportResult(artifact, manifest_path, manifest, parity, files)
+    if parity.status == "failed":
+        err = ParityError(f"{subject.name} -> {tgt.name} ({precision}): parity failed; see {manifest_path}")
+        err.result = result  # type: ignore[attr-defined]
+        raise err
+    return result
+
+
+def _prepare_subject(
+    model_or_name: nn.Module | str,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None,
+    input_size: int | None,
+    name: str | None,
+    seed: int,
+) -> _Subject:
+    if isinstance(model_or_name, str):
+        info = model_info(model_or_name)
+        size = check_input_size(info, input_size or info.input_size)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = create_model(info.name, img_size=size)
+        inputs = example_inputs if example_inputs is not None else _image_batch(info, size, seed)
+        return _Subject(model.eval(), name or info.name, model_info(info.name, size), _as_tuple(inputs), seed)
+    if not isinstance(model_or_name, nn.Module):
+        raise EdgevitError(f"expected a model name or a torch.nn.Module, got {type(model_or_name).__name__}")
+    if example_inputs is None:
+        raise EdgevitError("example_inputs are required to export a module that is not in the zoo")
+    return _Subject(model_or_name.eval(), name or type(model_or_name).__name__, None, _as_tuple(example_inputs), seed)
+
+
+def _as_tuple(inputs: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _image_batch(info: ModelInfo, size: int, seed: int) -> torch.Tensor:
+    """A seeded image-like batch of one: uniform [0, 1] pixels, normalised as the model expects."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, size, size, generator=gen)
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _parity_inputs(subject: _Subject) -> list[tuple[torch.Tensor, ...]]:
+    samples = []
+    for k in range(1, PARITY_SAMPLES + 1):
+        if subject.info is not None:
+            samples.append((_image_batch(subject.info, subject.example_inputs[0].shape[-1], subject.seed + k),))
+            continue
+        gen = torch.Generator().manual_seed(subject.seed + k)
+        samples.append(
+            tuple(
+                torch.randn(t.shape, generator=gen, dtype=t.dtype) if t.is_floating_point() else t.clone()
+                for t in subject.example_inputs
+            )
+        )
+    return samples
+
+
+def _convert(tgt: Target, program: torch.export.ExportedProgram, inputs: tuple, dst: Path, precision: str) -> None:
+    try:
+        tgt.converter_module().convert(program, inputs, dst, precision)
+    except EdgevitError:
+        raise
+    except Exception as exc:  # converters raise anything; keep the first line, hide the traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgevitError(f"{tgt.converter} failed: {type(exc).__name__}: {first[:300]}") from exc
+
+
+def _verify(
+    tgt: Target, artifact: Path, subject: _Subject, names: list[str], precision: str, latency_runs: int
+) -> ParityReport:
+    structural = None
+    if tgt.name == "coreml":
+        from edgevit.export.coreml import structural_check
+
+        structural = structural_check(artifact, subject.example_inputs, len(names))
+        if not structural["ok"]:
+            return ParityReport("failed", precision, runtime={"structural_check": structural},
+                                detail="; ".join(structural["problems"]))
+    if not can_run(tgt.name):
+        return ParityReport("converted-not-verified", precision, runtime={"structural_check": structural},
+                            detail="structural check passed; Core ML prediction needs macOS")
+    runner = load_runner(tgt.name, artifact)
+    samples = _parity_inputs(subject)
+    with torch.no_grad():
+        refs = [[t.numpy() for t in flatten_outputs(subject.model(*s))] for s in samples]
+    outs = [runner.run([t.numpy() for t in s]) for s in samples]
+    report = compare(refs, outs, names, precision)
+    report.runtime = runner.info | ({"structural_check": structural} if structural else {})
+    if latency_runs > 0:
+        report.median_ms = runner.median_ms([t.numpy() for t in samples[0]], runs=latency_runs)
+    return report
+
+
+def _manifest(
+    tgt: Target,
+    subject: _Subject,
+    precision: str,
+    artifact: Path,
+    files: list[Path],
+    parity: ParityReport,
+    example_out: Any,
+    names: list[str],
+) -> dict[str, Any]:
+    info = subject.info
+    return {
+        "schema": SCHEMA_VERSION,
+        "status": parity.status,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": subject.name,
+            "source": "zoo" if info else "user",
+            "family": info.family if info else None,
+            "variant": info.extra if info else None,
+            "paper": info.paper if info else None,
+            "params": info.params if info else sum(p.numel() for p in subject.model.parameters()),
+            "macs": info.macs if info else None,
+            "seed": subject.seed,
+        },
+        "inputs": [
+            {"name": f"input_{i}", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for i, t in enumerate(subject.example_inputs)
+        ],
+        "normalisation": {"mean": info.mean, "std": info.std} if info else None,
+        "outputs": [{"name": n, "shape": list(t.shape)} for n, t in zip(names, flatten_outputs(example_out))],
+        "target": tgt.name,
+        "precision": precision,
+        "converter": tgt.converter,
+        "runtime": tgt.runtime,
+        "passes": [{"name": p, "sites": None} for p in tgt.passes],
+        "artifact": {
+            "file": artifact.name,
+            "sha256": sha256_of(artifact),
+            "files": {f.name: sha256_of(f) for f in files},
+            "bytes": sum(_size(f) for f in files),
+        },
+        "parity": parity.to_dict(),
+        "versions": {"edgevit": edgevit.__version__} | tgt.converter_module().versions() | host_info(),
+    }
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size

@@ -1,0 +1,288 @@
+"""The ``edgevit`` command line (typer + rich).
+
+Errors caused by input (unknown model or target, bad size, unwritable directory, missing backend
+package) print one line on stderr and exit with 2; a failed parity check exits with 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import edgevit
+from edgevit.errors import EdgevitError
+from edgevit.export.manifest import prepare_out_dir
+from edgevit.export.targets import resolve_precision
+
+app = typer.Typer(
+    name="edgevit",
+    help="Export vision transformers to ONNX, Core ML, TFLite and OpenVINO, and prove each artifact right.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Rich falls back to 80 columns when not on a terminal (CI logs); the parity table needs more.
+out_console = Console(width=None if sys.stdout.isatty() else 132)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
+
+TARGET_TIMEOUT_S = 1800
+STATUS_STYLE = {"passed": "green", "failed": "red", "skipped": "yellow", "converted-not-verified": "yellow"}
+STATUS_TEXT = {"converted-not-verified": "converted, not verified"}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out_console.print(f"edgevit {edgevit.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    """edgevit: efficient ViTs from PyTorch to edge runtimes, with conversion parity."""
+
+
+@app.command("models")
+def models_cmd(
+    family: Optional[str] = typer.Option(None, help="Only this family (e.g. vit, mobilevit_v2)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the model zoo with parameters and MACs at each model's native input size."""
+    from edgevit.registry import list_models, model_info
+
+    infos = [model_info(n) for n in list_models(family)]
+    if as_json:
+        out_console.print_json(json.dumps([i.to_dict() for i in infos]))
+        return
+    table = Table(title="edgevit model zoo")
+    for col in ("model", "family", "input", "params (M)", "GMACs", "aliases"):
+        table.add_column(col, justify="right" if col in ("input", "params (M)", "GMACs") else "left")
+    for i in infos:
+        table.add_row(i.name, i.family, str(i.input_size), f"{i.params / 1e6:.3f}", f"{i.macs / 1e9:.3f}",
+                      ", ".join(i.aliases))
+    out_console.print(table)
+
+
+@app.command("targets")
+def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List export targets: suffix, runtime, precisions, passes, install extra."""
+    from edgevit.export.targets import TARGETS
+
+    if as_json:
+        out_console.print_json(json.dumps([t.__dict__ for t in TARGETS.values()]))
+        return
+    table = Table(title="edgevit targets")
+    for col in ("target", "suffix", "converter", "parity runtime", "precisions", "passes", "extra"):
+        table.add_column(col)
+    for t in TARGETS.values():
+        precisions = ", ".join(f"{p}*" if p == t.default_precision else p for p in t.precisions)
+        table.add_row(t.name, t.suffix, t.converter, t.runtime, precisions, ", ".join(t.passes) or "none", t.extra)
+    out_console.print(table)
+    out_console.print("* default precision")
+
+
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., help="Zoo model name (see 'edgevit models')."),
+    target: str = typer.Option(..., "--target", "-t", help="onnx, coreml, tflite, openvino, or 'all'."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output directory [default: exports/MODEL/TARGET; with 'all': exports/MODEL]."
+    ),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size [default: the model's]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 [default: the target's]."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check (the manifest says so)."),
+    latency_runs: int = typer.Option(10, "--latency-runs", help="Timed runs for the median latency (0: none)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest(s) as JSON."),
+    in_process: bool = typer.Option(False, "--in-process", hidden=True, help="Run here, not in a child process."),
+) -> None:
+    """Export MODEL to a target, run it in its runtime and compare with PyTorch.
+
+    Each target converts in its own process with a timeout, so a converter crash or hang costs only
+    its row. With --target all, artifacts go to OUT/TARGET.
+    """
+    from edgevit.export.targets import PRECISIONS, TARGETS, get_target
+    from edgevit.registry import check_input_size, model_info
+
+    try:
+        info = model_info(model)
+        targets = list(TARGETS) if target == "all" else [get_target(target).name]
+        if precision is not None and precision not in PRECISIONS:
+            raise EdgevitError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
+        check_input_size(info, input_size or info.input_size)
+        if target != "all":
+            tgt = TARGETS[targets[0]]
+            resolve_precision(tgt, precision)
+            tgt.check_installed()
+        base = out or (Path("exports") / info.name if target == "all" else Path("exports") / info.name / target)
+        prepare_out_dir(base)
+    except EdgevitError as exc:
+        _fail(str(exc), exc.exit_code)
+    if in_process:
+        manifest = _export_here(info.name, targets[0], base, input_size, precision, no_verify, latency_runs)
+        out_console.file.write(json.dumps([manifest]) + "\n")
+        raise typer.Exit(_exit_code([manifest]))
+    flags = _forwarded_flags(input_size, precision, no_verify, latency_runs)
+    outs = {t: base / t if target == "all" else base for t in targets}
+    manifests = _export_isolated(info.name, outs, flags, quiet=as_json)
+    if target != "all" and manifests[0]["status"] == "error":
+        _fail(manifests[0]["error"])
+    _report(manifests, as_json)
+    raise typer.Exit(_exit_code(manifests))
+
+
+def _export_here(model: str, target: str, out: Path, input_size: Optional[int], precision: Optional[str],
+                 no_verify: bool, latency_runs: int) -> dict[str, Any]:
+    """The child's side: export in this process, converters' prints kept off stdout."""
+    from edgevit.api import export_model
+    from edgevit.errors import ParityError
+
+    try:
+        with _StdoutToStderr():
+            result = export_model(model, target=target, out=out, precision=precision, verify=not no_verify,
+                                  input_size=input_size, latency_runs=latency_runs)
+    except ParityError as exc:
+        result = exc.result  # type: ignore[attr-defined]
+    except EdgevitError as exc:
+        _fail(str(exc), exc.exit_code)
+    return result.manifest | {"artifact_path": str(result.artifact)}
+
+
+class _StdoutToStderr:
+    """Send everything written to fd 1 (converters print from C++ too) to stderr, so stdout stays JSON."""
+
+    def __enter__(self) -> None:
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+
+    def __exit__(self, *args: object) -> None:
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+
+
+def _forwarded_flags(input_size: Optional[int], precision: Optional[str], no_verify: bool, runs: int) -> list[str]:
+    flags = ["--latency-runs", str(runs)]
+    if input_size:
+        flags += ["--input-size", str(input_size)]
+    if precision:
+        flags += ["--precision", precision]
+    if no_verify:
+        flags.append("--no-verify")
+    return flags
+
+
+def _export_isolated(model: str, outs: dict[str, Path], flags: list[str], quiet: bool) -> list[dict]:
+    """Run each target's export in a child process with a timeout; failures become error rows."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    manifests = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, disable=quiet, transient=True) as progress:
+        task = progress.add_task(f"exporting {model}", total=len(outs))
+        for target, out in outs.items():
+            progress.update(task, description=f"exporting {model} -> {target}")
+            cmd = [sys.executable, "-m", "edgevit.cli", "export", model, "--target", target,
+                   "--out", str(out), "--in-process", *flags]
+            manifests.append(_run_child(cmd, model, target))
+            progress.advance(task)
+    return manifests
+
+
+def _run_child(cmd: list[str], model: str, target: str) -> dict[str, Any]:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TARGET_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return _error_row(model, target, f"timed out after {TARGET_TIMEOUT_S} s")
+    try:
+        return json.loads(proc.stdout)[0]
+    except (json.JSONDecodeError, IndexError, KeyError):
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        reason = (errors or lines or [f"exited with code {proc.returncode}"])[-1]
+        if proc.returncode < 0:
+            reason = f"converter process killed by signal {-proc.returncode}"
+        return _error_row(model, target, reason.removeprefix("error: "))
+
+
+def _error_row(model: str, target: str, reason: str) -> dict[str, Any]:
+    return {"status": "error", "model": {"name": model}, "target": target, "error": reason}
+
+
+def _exit_code(manifests: list[dict]) -> int:
+    if any(m["status"] == "error" for m in manifests):
+        return 2
+    return 1 if any(m["status"] == "failed" for m in manifests) else 0
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _report(manifests: list[dict], as_json: bool) -> None:
+    if as_json:
+        out_console.print_json(json.dumps(manifests))
+        return
+    table = Table(title=f"parity vs PyTorch: {manifests[0]['model']['name']}")
+    for col in ("target", "precision", "status", "max abs err", "err/peak", "cosine", "top-1", "top-5",
+                "median ms"):
+        table.add_column(col, justify="left" if col in ("target", "status") else "right")
+    for m in manifests:
+        if m["status"] == "error":
+            table.add_row(m["target"], "-", "[red]error[/]", *["-"] * 6)
+            continue
+        p = m["parity"]
+        outs = p.get("outputs") or []
+        worst = lambda key, fn: fn(o[key] for o in outs) if outs and outs[0][key] is not None else None  # noqa: E731
+        err = worst("max_abs_err", max)
+        peak = worst("peak", max)
+        status = m["status"]
+        table.add_row(
+            m["target"], m["precision"], f"[{STATUS_STYLE.get(status, 'white')}]{STATUS_TEXT.get(status, status)}[/]",
+            _fmt(err, ".2e"), _fmt(err / peak if err is not None and peak else None, ".1e"),
+            _fmt(worst("cosine", min), ".7f"), _fmt(worst("top1_agreement", min), ".2f"),
+            _fmt(worst("top5_agreement", min), ".2f"), _fmt(p.get("median_ms"), ".2f"),
+        )
+    out_console.print(table)
+    for m in manifests:
+        if m["status"] == "error":
+            err_console.print(f"[red]{m['target']}:[/] {m['error']}", highlight=False)
+        elif m.get("artifact_path"):
+            out_console.print(f"{m['target']}: {m['artifact_path']}", highlight=False)
+    for m in manifests:
+        if m["status"] == "failed":
+            err_console.print(f"[red]parity failed[/] for {m['target']}: {m['parity'].get('detail') or 'see manifest'}")
+
+
+def _quiet_third_party() -> None:
+    """Keep converters' chatter (C++ logs, tqdm bars, deprecation warnings) out of the user's terminal."""
+    for var, value in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("GLOG_minloglevel", "2"), ("TQDM_DISABLE", "1")):
+        os.environ.setdefault(var, value)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    _quiet_third_party()
+    app()
+
+
+if __name__ == "__main__":
+    main()

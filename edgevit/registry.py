@@ -1,0 +1,137 @@
+"""Model registry: families register constructors with ``@register_model`` (the timm habit).
+
+Each entry carries metadata (family, paper, native input size, normalisation, the stride the input size
+must divide). Parameter and MAC counts are *computed* from the model on the ``meta`` device, so they can
+never drift from the code, and cost no memory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edgevit.errors import EdgevitError
+
+DEFAULT_MODEL = "deit_tiny"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Static facts about a registered model; counts are filled in by :func:`model_info`."""
+
+    name: str
+    family: str
+    paper: str
+    input_size: int
+    input_multiple: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_classes: int = 1000
+    aliases: tuple[str, ...] = ()
+    notes: str = ""
+    params: int | None = None
+    macs: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    info: ModelInfo
+    build: Callable[..., nn.Module]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_model(info: ModelInfo) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering ``fn(**kwargs) -> nn.Module`` under ``info.name`` (and its aliases)."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if info.name in _REGISTRY or info.name in _ALIASES:
+            raise ValueError(f"model {info.name!r} registered twice")
+        _REGISTRY[info.name] = _Entry(info, fn)
+        for alias in info.aliases:
+            _ALIASES[alias] = info.name
+        return fn
+
+    return wrap
+
+
+def _ensure_zoo_loaded() -> None:
+    # Importing the zoo package runs every family's @register_model decorators.
+    import edgevit.models  # noqa: F401
+
+
+def resolve_name(name: str) -> str:
+    """Canonical model name for ``name`` or an alias; unknown names get the closest suggestions."""
+    _ensure_zoo_loaded()
+    if name in _REGISTRY:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    known = sorted([*_REGISTRY, *_ALIASES])
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run 'edgevit models' to list them"
+    raise EdgevitError(f"unknown model '{name}'{hint}")
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Canonical names of every registered model, optionally of one family."""
+    _ensure_zoo_loaded()
+    return sorted(n for n, e in _REGISTRY.items() if family is None or e.info.family == family)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model with seeded-or-default random init; ``kwargs`` go to its constructor."""
+    entry = _REGISTRY[resolve_name(name)]
+    model = entry.build(**kwargs)
+    model.edgevit_info = entry.info  # type: ignore[attr-defined]
+    return model
+
+
+@lru_cache(maxsize=None)
+def _counts(name: str, input_size: int) -> tuple[int, int]:
+    entry = _REGISTRY[name]
+    with torch.device("meta"):
+        model = entry.build(img_size=input_size).eval()
+    params = sum(p.numel() for p in model.parameters())
+    return params, count_macs(model, torch.empty(1, 3, input_size, input_size, device="meta"))
+
+
+def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass (FLOPs/2 from PyTorch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(*inputs)
+    return counter.get_total_flops() // 2
+
+
+def model_info(name: str, input_size: int | None = None) -> ModelInfo:
+    """Metadata of a model with its parameter count and MACs at ``input_size`` (native by default)."""
+    info = _REGISTRY[resolve_name(name)].info
+    params, macs = _counts(info.name, input_size or info.input_size)
+    return ModelInfo(**{**info.to_dict(), "params": params, "macs": macs})
+
+
+def check_input_size(info: ModelInfo, size: int) -> int:
+    """``size`` if the model can take a square input of that size, else a one-line error."""
+    if size <= 0 or size % info.input_multiple:
+        raise EdgevitError(
+            f"input size {size} is not a positive multiple of {info.input_multiple}, "
+            f"which {info.name} needs; try {info.input_size}"
+        )
+    return size

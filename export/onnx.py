@@ -1,0 +1,30 @@
+"""ONNX target: torch.onnx's dynamo exporter on the captured program; fp16 by graph conversion."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+OPSET = 18
+
+
+def convert(program: torch.export.ExportedProgram, example_inputs: tuple, out: Path, precision: str) -> Path:
+    """Write ``out`` (.onnx, weights embedded) from ``program``; ``precision`` is fp32 or fp16."""
+    import onnx
+
+    onnx_program = torch.onnx.export(program, example_inputs, dynamo=True, opset_version=OPSET, verbose=False)
+    model = onnx_program.model_proto
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        # fp32 inputs/outputs keep the interface identical to the fp32 artifact; casts sit at the edges.
+        model = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save_model(model, str(out))
+    onnx.checker.check_model(str(out))
+    return out
+
+
+def versions() -> dict[str, str]:
+    return {name: version(name) for name in ("torch", "onnx", "onnxscript", "onnxruntime")} | {"opset": str(OPSET)}
