@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import edgevit
@@ -41,7 +42,7 @@ STATUS_TEXT = {"converted-not-verified": "converted, not verified"}
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -262,12 +263,13 @@ def _report(manifests: list[dict], as_json: bool) -> None:
     out_console.print(table)
     for m in manifests:
         if m["status"] == "error":
-            err_console.print(f"[red]{m['target']}:[/] {m['error']}", highlight=False)
+            err_console.print(f"[red]{m['target']}:[/] {escape(m['error'])}", highlight=False, soft_wrap=True)
         elif m.get("artifact_path"):
             out_console.print(f"{m['target']}: {m['artifact_path']}", highlight=False)
     for m in manifests:
         if m["status"] == "failed":
-            err_console.print(f"[red]parity failed[/] for {m['target']}: {m['parity'].get('detail') or 'see manifest'}")
+            detail = m["parity"].get("detail") or f"see {m.get('artifact_path', 'the manifest')}"
+            err_console.print(f"[red]parity failed[/] for {m['target']}: {escape(detail)}", soft_wrap=True)
 
 
 def _quiet_third_party() -> None:

@@ -8,8 +8,9 @@ Tolerances come from the arithmetic, not from what passed:
 - fp16: unit roundoff 2**-11 ~ 4.9e-4, i.e. 200x fp32; the same argument gives 2e-2 of the peak.
 Cosine similarity complements the peak bound: a real bug rotates the output vector.
 
-Top-1 disagreement is only a failure when PyTorch's top-1 margin exceeds twice the observed error
-(a near-tie flipping under rounding is physics, not a bug).
+Top-1/top-5 agreement is reported, not gated: flipping a top-1 whose margin over the runner-up is m
+needs an error of at least m/2, so any flip on a clear margin already fails the peak bound, and a
+flip within the bound is a near-tie resolved differently by rounding.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class OutputParity:
     cosine: float
     top1_agreement: float | None
     top5_agreement: float | None
-    top1_unexplained_flips: int
     passed: bool
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,20 +66,13 @@ def compare_output(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance) 
     max_rel = float((err / np.maximum(np.abs(ref64), 1e-12)).max())
     cosine = float(np.dot(ref64.ravel(), out64.ravel()) / (np.linalg.norm(ref64) * np.linalg.norm(out64) + 1e-300))
     top1 = top5 = None
-    flips = 0
     if ref.ndim >= 2 and ref.shape[-1] >= 5:  # class scores on the last axis
         r2, o2 = ref64.reshape(-1, ref.shape[-1]), out64.reshape(-1, ref.shape[-1])
         ref_top5, out_top5 = _topk(r2, 5), _topk(o2, 5)
-        same_top1 = ref_top5[:, 0] == out_top5[:, 0]
-        top1 = float(same_top1.mean())
+        top1 = float(np.mean(ref_top5[:, 0] == out_top5[:, 0]))
         top5 = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ref_top5, out_top5)]))
-        sorted_ref = np.sort(r2, axis=-1)
-        margin = sorted_ref[:, -1] - sorted_ref[:, -2]
-        flips = int(np.sum(~same_top1 & (margin > 2 * max_abs)))
-    passed = bool(
-        max_abs <= tol.max_abs_rel_to_peak * max(peak, 1e-12) and cosine >= tol.min_cosine and flips == 0
-    )
-    return OutputParity(name, list(ref.shape), max_abs, max_rel, peak, cosine, top1, top5, flips, passed)
+    passed = bool(max_abs <= tol.max_abs_rel_to_peak * max(peak, 1e-12) and cosine >= tol.min_cosine)
+    return OutputParity(name, list(ref.shape), max_abs, max_rel, peak, cosine, top1, top5, passed)
 
 
 @dataclass

@@ -39,7 +39,11 @@ class Target:
     def check_installed(self) -> None:
         """Raise a one-line :class:`MissingBackendError` naming the extra if a package is missing."""
         for package in self.requires:
-            if importlib.util.find_spec(package) is None:
+            try:
+                found = importlib.util.find_spec(package) is not None
+            except ImportError:  # a broken or half-removed install counts as missing
+                found = False
+            if not found:
                 raise MissingBackendError(self.name, package, self.extra)
 
 
