@@ -93,7 +93,7 @@ class OpenVINORunner(Runner):
         config = {"INFERENCE_PRECISION_HINT": inference_precision, "INFERENCE_NUM_THREADS": self.threads}
         self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
         self.request = self.compiled.create_infer_request()
-        reported = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        reported = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # e.g. "f32", "bf16"
         self.info |= {
             "runtime": "openvino",
             "version": version("openvino"),

@@ -20,11 +20,22 @@ def convert(program: torch.export.ExportedProgram, example_inputs: tuple, out: P
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         # fp32 inputs/outputs keep the interface identical to the fp32 artifact; casts sit at the edges.
-        model = convert_float_to_float16(model, keep_io_types=True)
+        model = _topologically_sorted(convert_float_to_float16(model, keep_io_types=True))
     onnx.save_model(model, str(out))
     onnx.checker.check_model(str(out))
     return out
 
 
+def _topologically_sorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """The float16 converter appends its input casts after their consumers; ONNX requires node order."""
+    import onnx_ir
+    from onnx_ir.passes.common import TopologicalSortPass
+
+    ir_model = onnx_ir.from_proto(model)
+    TopologicalSortPass()(ir_model)
+    return onnx_ir.to_proto(ir_model)
+
+
 def versions() -> dict[str, str]:
-    return {name: version(name) for name in ("torch", "onnx", "onnxscript", "onnxruntime")} | {"opset": str(OPSET)}
+    names = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime")
+    return {name: version(name) for name in names} | {"opset": str(OPSET)}

@@ -1,0 +1,35 @@
+"""The README's targets table is generated from nothing but must match TARGETS, row for row."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from edgevit.export.targets import TARGETS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_block(name: str) -> str:
+    text = README.read_text()
+    match = re.search(rf"<!-- {name} -->\n(.*?)<!-- /{name} -->", text, re.S)
+    assert match, f"README has no {name} block"
+    return match.group(1)
+
+
+def test_readme_targets_table_matches_the_table() -> None:
+    rows = [line for line in _readme_block("targets-table").splitlines() if line.startswith("| ")][1:]
+    expected = [
+        f"| {t.name} | {t.suffix} | {t.converter} | {t.runtime} | "
+        f"{', '.join([t.default_precision, *[p for p in t.precisions if p != t.default_precision]])} | "
+        f"{', '.join(t.passes) or 'none'} | {t.extra} |"
+        for t in TARGETS.values()
+    ]
+    assert rows == expected
+
+
+def test_readme_has_the_two_setup_commands() -> None:
+    for name in ("main-command", "test-command"):
+        commands = [ln for ln in _readme_block(name).splitlines() if ln and not ln.startswith("```")]
+        assert len(commands) == 1 and commands[0].startswith("python3.11 -m venv .venv && ")
+    assert "edgevit export deit_tiny --target all" in _readme_block("main-command")
