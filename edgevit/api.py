@@ -106,9 +106,7 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
     result = ExportResult(artifact, manifest_path, manifest, parity, files)
     if parity.status == "failed":
-        err = ParityError(f"{subject.name} -> {tgt.name} ({precision}): parity failed; see {manifest_path}")
-        err.result = result  # type: ignore[attr-defined]
-        raise err
+        raise ParityError(f"{subject.name} -> {tgt.name} ({precision}): parity failed; see {manifest_path}", result)
     return result
 
 

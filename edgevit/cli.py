@@ -158,7 +158,7 @@ def _export_here(model: str, target: str, out: Path, input_size: Optional[int], 
             result = export_model(model, target=target, out=out, precision=precision, verify=not no_verify,
                                   input_size=input_size, latency_runs=latency_runs)
     except ParityError as exc:
-        result = exc.result  # type: ignore[attr-defined]
+        result = exc.result
     except EdgevitError as exc:
         _fail(str(exc), exc.exit_code)
     return result.manifest | {"artifact_path": str(result.artifact)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EdgevitError(Exception):
     """An error caused by the user's input or environment, reported without a traceback."""
@@ -19,6 +21,14 @@ class MissingBackendError(EdgevitError):
 
 
 class ParityError(EdgevitError):
-    """The exported artifact disagrees with PyTorch beyond the precision's tolerance."""
+    """The exported artifact disagrees with PyTorch beyond the precision's tolerance.
+
+    ``result`` is the :class:`edgevit.api.ExportResult`: the artifact and its manifest (marked failed)
+    were written, for inspection.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
