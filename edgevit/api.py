@@ -55,6 +55,7 @@ class _Subject:
     info: ModelInfo | None
     example_inputs: tuple[torch.Tensor, ...]
     seed: int
+    weights: Path | None = None
 
 
 def export_model(
@@ -69,17 +70,19 @@ def export_model(
     name: str | None = None,
     seed: int = 0,
     latency_runs: int = 0,
+    weights: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Export a zoo model (by name) or any module to ``target``, check parity, write a manifest.
 
     The artifact and ``manifest.json`` land in ``out``. ``precision`` defaults to the target's default.
+    ``weights`` loads a checkpoint into a zoo model (random weights, seeded by ``seed``, otherwise).
     A parity failure still writes both (the manifest says ``failed``) and then raises
     :class:`~edgevit.errors.ParityError`, whose ``result`` attribute holds the :class:`ExportResult`.
     """
     tgt = get_target(target)
     precision = resolve_precision(tgt, precision)
     tgt.check_installed()
-    subject = _prepare_subject(model_or_name, example_inputs, input_size, name, seed)
+    subject = _prepare_subject(model_or_name, example_inputs, input_size, name, seed, weights)
     out_dir = prepare_out_dir(Path(out))
     program = capture(subject.model, subject.example_inputs)
     with torch.no_grad():
@@ -116,17 +119,22 @@ def _prepare_subject(
     input_size: int | None,
     name: str | None,
     seed: int,
+    weights: str | os.PathLike | None = None,
 ) -> _Subject:
     if isinstance(model_or_name, str):
         info = model_info(model_or_name)
         size = check_input_size(info, input_size or info.input_size)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = create_model(info.name, img_size=size)
+            model = create_model(info.name, img_size=size, weights=weights)
         inputs = example_inputs if example_inputs is not None else _image_batch(info, size, seed)
-        return _Subject(model.eval(), name or info.name, model_info(info.name, size), _as_tuple(inputs), seed)
+        subject = _Subject(model.eval(), name or info.name, model_info(info.name, size), _as_tuple(inputs), seed)
+        subject.weights = Path(weights) if weights is not None else None
+        return subject
     if not isinstance(model_or_name, nn.Module):
         raise EdgevitError(f"expected a model name or a torch.nn.Module, got {type(model_or_name).__name__}")
+    if weights is not None:
+        raise EdgevitError("weights= applies to zoo models; load your module's weights before exporting it")
     if example_inputs is None:
         raise EdgevitError("example_inputs are required to export a module that is not in the zoo")
     return _Subject(model_or_name.eval(), name or type(model_or_name).__name__, None, _as_tuple(example_inputs), seed)
@@ -220,7 +228,8 @@ def _manifest(
             "paper": info.paper if info else None,
             "params": info.params if info else sum(p.numel() for p in subject.model.parameters()),
             "macs": info.macs if info else None,
-            "seed": subject.seed,
+            "weights": {"path": str(subject.weights), "sha256": sha256_of(subject.weights)} if subject.weights
+            else ("random, seed %d" % subject.seed if info else "user module"),
         },
         "inputs": [
             {"name": f"input_{i}", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}

@@ -107,6 +107,9 @@ def export_cmd(
     ),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size [default: the model's]."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 [default: the target's]."),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", help="Checkpoint (.safetensors or torch file, read weights-only) [default: random, seed 0]."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check (the manifest says so)."),
     latency_runs: int = typer.Option(10, "--latency-runs", help="Timed runs for the median latency (0: none)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest(s) as JSON."),
@@ -125,7 +128,12 @@ def export_cmd(
         targets = list(TARGETS) if target == "all" else [get_target(target).name]
         if precision is not None and precision not in PRECISIONS:
             raise EdgevitError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
-        check_input_size(info, input_size or info.input_size)
+        size = check_input_size(info, input_size or info.input_size)
+        if weights is not None:
+            from edgevit.registry import create_model
+
+            weights = weights.resolve()
+            create_model(info.name, weights=weights, img_size=size)  # a bad file fails here, before any child
         if target != "all":
             tgt = TARGETS[targets[0]]
             resolve_precision(tgt, precision)
@@ -135,10 +143,10 @@ def export_cmd(
     except EdgevitError as exc:
         _fail(str(exc), exc.exit_code)
     if in_process:
-        manifest = _export_here(info.name, targets[0], base, input_size, precision, no_verify, latency_runs)
+        manifest = _export_here(info.name, targets[0], base, input_size, precision, no_verify, latency_runs, weights)
         out_console.file.write(json.dumps([manifest]) + "\n")
         raise typer.Exit(_exit_code([manifest]))
-    flags = _forwarded_flags(input_size, precision, no_verify, latency_runs)
+    flags = _forwarded_flags(input_size, precision, no_verify, latency_runs, weights)
     outs = {t: base / t if target == "all" else base for t in targets}
     manifests = _export_isolated(info.name, outs, flags, quiet=as_json)
     if target != "all" and manifests[0]["status"] == "error":
@@ -148,7 +156,7 @@ def export_cmd(
 
 
 def _export_here(model: str, target: str, out: Path, input_size: Optional[int], precision: Optional[str],
-                 no_verify: bool, latency_runs: int) -> dict[str, Any]:
+                 no_verify: bool, latency_runs: int, weights: Optional[Path]) -> dict[str, Any]:
     """The child's side: export in this process, converters' prints kept off stdout."""
     from edgevit.api import export_model
     from edgevit.errors import ParityError
@@ -156,7 +164,7 @@ def _export_here(model: str, target: str, out: Path, input_size: Optional[int], 
     try:
         with _StdoutToStderr():
             result = export_model(model, target=target, out=out, precision=precision, verify=not no_verify,
-                                  input_size=input_size, latency_runs=latency_runs)
+                                  input_size=input_size, latency_runs=latency_runs, weights=weights)
     except ParityError as exc:
         result = exc.result
     except EdgevitError as exc:
@@ -178,8 +186,11 @@ class _StdoutToStderr:
         os.close(self._saved)
 
 
-def _forwarded_flags(input_size: Optional[int], precision: Optional[str], no_verify: bool, runs: int) -> list[str]:
+def _forwarded_flags(input_size: Optional[int], precision: Optional[str], no_verify: bool, runs: int,
+                     weights: Optional[Path]) -> list[str]:
     flags = ["--latency-runs", str(runs)]
+    if weights:
+        flags += ["--weights", str(weights)]
     if input_size:
         flags += ["--input-size", str(input_size)]
     if precision:

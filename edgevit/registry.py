@@ -7,7 +7,9 @@ never drift from the code, and cost no memory.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
@@ -37,12 +39,18 @@ class ModelInfo:
     num_classes: int = 1000
     aliases: tuple[str, ...] = ()
     notes: str = ""
+    # Input size for the zoo-wide export matrix in CI, when the native size is too slow there.
+    test_input_size: int | None = None
     params: int | None = None
     macs: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Maps a published checkpoint layout (official repo / timm) onto this model's keys.
+    checkpoint_filter: Callable[[dict, nn.Module], dict] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("checkpoint_filter")
+        return d
 
 
 @dataclass(frozen=True)
@@ -93,10 +101,19 @@ def list_models(family: str | None = None) -> list[str]:
     return sorted(n for n, e in _REGISTRY.items() if family is None or e.info.family == family)
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model with seeded-or-default random init; ``kwargs`` go to its constructor."""
+def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model; ``kwargs`` go to its constructor.
+
+    Without ``weights`` the parameters are randomly initialised (seed with ``torch.manual_seed``). With
+    ``weights`` (a .safetensors file or a torch checkpoint, read with ``weights_only=True``) they are
+    loaded strictly, through the family's key mapping when the file uses a published layout.
+    """
     entry = _REGISTRY[resolve_name(name)]
     model = entry.build(**kwargs)
+    if weights is not None:
+        from edgevit.weights import load_weights
+
+        load_weights(model, weights, entry.info.checkpoint_filter)
     model.edgevit_info = entry.info  # type: ignore[attr-defined]
     return model
 
@@ -124,7 +141,7 @@ def model_info(name: str, input_size: int | None = None) -> ModelInfo:
     """Metadata of a model with its parameter count and MACs at ``input_size`` (native by default)."""
     info = _REGISTRY[resolve_name(name)].info
     params, macs = _counts(info.name, input_size or info.input_size)
-    return ModelInfo(**{**info.to_dict(), "params": params, "macs": macs})
+    return dataclasses.replace(info, params=params, macs=macs)
 
 
 def check_input_size(info: ModelInfo, size: int) -> int:

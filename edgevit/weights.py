@@ -1,0 +1,89 @@
+"""Checkpoint loading: ``.safetensors`` or torch checkpoints read with ``weights_only=True``.
+
+Never unpickles code. Common wrappers are unwrapped (``state_dict``, ``model``, ``module.`` prefixes from
+DataParallel/DDP). A family may register a ``checkpoint_filter`` that maps a published layout (official
+repository or timm) onto edgevit's keys. Mismatches get one line listing the first few offenders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from edgevit.errors import EdgevitError
+
+StateDict = dict[str, torch.Tensor]
+SHOWN = 5
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "model_ema", "state_dict_ema")
+
+
+def read_checkpoint(path: str | os.PathLike) -> StateDict:
+    """The tensor dict stored at ``path`` (.safetensors, or a torch file loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgevitError(f"checkpoint '{path}' does not exist or is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: object = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except EdgevitError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgevitError(f"cannot read checkpoint '{path}': {first[:200]}") from None
+    return _unwrap(data, path)
+
+
+def _unwrap(data: object, path: Path) -> StateDict:
+    while isinstance(data, dict) and not _is_state_dict(data):
+        inner = next((data[k] for k in _WRAPPER_KEYS if k in data and isinstance(data[k], dict)), None)
+        if inner is None:
+            break
+        data = inner
+    if not isinstance(data, dict) or not _is_state_dict(data):
+        raise EdgevitError(f"checkpoint '{path}' holds no state dict (a dict of tensors)")
+    if all(k.startswith("module.") for k in data):
+        data = {k.removeprefix("module."): v for k, v in data.items()}
+    return dict(data)
+
+
+def _is_state_dict(d: dict) -> bool:
+    return bool(d) and all(isinstance(k, str) for k in d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, checkpoint_filter: Callable[[StateDict, nn.Module], StateDict] | None = None
+) -> nn.Module:
+    """Load ``path`` into ``model`` strictly; a mismatch raises one line naming the first few keys."""
+    state = read_checkpoint(path)
+    if checkpoint_filter is not None:
+        state = checkpoint_filter(state, model)
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def check_state_dict(model: nn.Module, state: StateDict, source: str) -> None:
+    """Raise if ``state`` does not fit ``model`` exactly (missing, unexpected or mis-shaped tensors)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:SHOWN])}{more}")
+    if problems:
+        raise EdgevitError(f"checkpoint '{source}' does not fit {type(model).__name__}: " + "; ".join(problems))
