@@ -1,3 +1,11 @@
-"""The model zoo: importing this package registers every family (one module per family)."""
+"""The model zoo: one module per family; importing this package registers every family.
 
-from edgevit.models import mobilevit_v2, vit  # noqa: F401
+Modules are discovered, so adding a family is adding a file (``layers`` holds shared blocks).
+"""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "layers":
+        importlib.import_module(f"{__name__}.{_module.name}")
