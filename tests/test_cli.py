@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,16 @@ import edgevit
 EDGEVIT = [sys.executable, "-m", "edgevit.cli"]
 
 
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*EDGEVIT, *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+def run(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*EDGEVIT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+def run_patched(tmp_path, sitecustomize: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the CLI with a sitecustomize module (patching the process at start-up) on PYTHONPATH."""
+    hook = tmp_path / "hook" / "sitecustomize.py"
+    hook.parent.mkdir()
+    hook.write_text(sitecustomize)
+    return run(*args, env={**os.environ, "PYTHONPATH": str(hook.parent)})
 
 
 def test_version() -> None:
@@ -69,10 +78,8 @@ def test_unwritable_output_directory(tmp_path) -> None:
 
 
 def test_missing_backend_package(tmp_path) -> None:
-    # A stand-in 'openvino' that cannot be found: a meta-path hook in a sitecustomize on PYTHONPATH.
-    hook = tmp_path / "hide" / "sitecustomize.py"
-    hook.parent.mkdir()
-    hook.write_text(
+    # 'openvino' made unfindable by a meta-path hook, as if it were not installed.
+    hide = (
         "import sys\n"
         "class Hide:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
@@ -80,11 +87,7 @@ def test_missing_backend_package(tmp_path) -> None:
         "            raise ModuleNotFoundError(name)\n"
         "sys.meta_path.insert(0, Hide())\n"
     )
-    import os
-
-    env = {**os.environ, "PYTHONPATH": str(hook.parent)}
-    proc = subprocess.run([*EDGEVIT, "export", "deit_tiny", "--target", "openvino", "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = run_patched(tmp_path, hide, "export", "deit_tiny", "--target", "openvino", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "error: target 'openvino' needs the Python package 'openvino': pip install 'edgevit[openvino]'"
@@ -107,19 +110,13 @@ def test_export_json_and_parity_failure_exit_code(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(proc.stdout)[0]
     assert manifest["status"] == "passed" and manifest["parity"]["median_ms"] > 0
-    # A sitecustomize that corrupts onnxruntime's outputs: parity must fail with exit code 1.
-    hook = tmp_path / "corrupt" / "sitecustomize.py"
-    hook.parent.mkdir()
-    hook.write_text(
+    # onnxruntime's outputs corrupted by 1%: parity must fail with exit code 1.
+    corrupt = (
         "import edgevit.devices.runtimes as r\n"
         "_run = r.OnnxRuntimeRunner.run\n"
         "r.OnnxRuntimeRunner.run = lambda self, x: [o * 1.01 for o in _run(self, x)]\n"
     )
-    import os
-
-    env = {**os.environ, "PYTHONPATH": str(hook.parent)}
-    proc = subprocess.run([*EDGEVIT, "export", "deit_tiny", "--target", "onnx", "--out", str(tmp_path / "bad")],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = run_patched(tmp_path, corrupt, "export", "deit_tiny", "--target", "onnx", "--out", str(tmp_path / "bad"))
     assert proc.returncode == 1
     assert "failed" in proc.stdout and "parity failed for onnx" in proc.stderr
     assert json.loads((tmp_path / "bad/manifest.json").read_text())["status"] == "failed"
