@@ -29,6 +29,7 @@ from edgevit.export.manifest import (
 from edgevit.export.parity import ParityReport, compare
 from edgevit.export.targets import Target, get_target, resolve_precision
 from edgevit.registry import ModelInfo, check_input_size, create_model, model_info
+from edgevit.weights import exercise_all_parameters
 
 PARITY_SAMPLES = 3
 
@@ -127,6 +128,8 @@ def _prepare_subject(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = create_model(info.name, img_size=size, weights=weights)
+            if weights is None:
+                exercise_all_parameters(model, seed)
         inputs = example_inputs if example_inputs is not None else _image_batch(info, size, seed)
         subject = _Subject(model.eval(), name or info.name, model_info(info.name, size), _as_tuple(inputs), seed)
         subject.weights = Path(weights) if weights is not None else None
@@ -229,7 +232,7 @@ def _manifest(
             "params": info.params if info else sum(p.numel() for p in subject.model.parameters()),
             "macs": info.macs if info else None,
             "weights": {"path": str(subject.weights), "sha256": sha256_of(subject.weights)} if subject.weights
-            else ("random, seed %d" % subject.seed if info else "user module"),
+            else (f"random, seed {subject.seed}, every parameter exercised" if info else "user module"),
         },
         "inputs": [
             {"name": f"input_{i}", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}

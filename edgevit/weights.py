@@ -87,3 +87,29 @@ def check_state_dict(model: nn.Module, state: StateDict, source: str) -> None:
             problems.append(f"{len(items)} {label}: {', '.join(items[:SHOWN])}{more}")
     if problems:
         raise EdgevitError(f"checkpoint '{source}' does not fit {type(model).__name__}: " + "; ".join(problems))
+
+
+def exercise_all_parameters(model: nn.Module, seed: int) -> nn.Module:
+    """Give random-init models non-degenerate norms and no all-zero tensors, for meaningful parity.
+
+    Papers' inits zero some scales on purpose (EfficientViT's BN gamma on residual branches, zero
+    biases, LeViT bias tables): with them a branch outputs exactly 0 and a broken conversion of that
+    branch would still "pass" parity. This draws BatchNorm statistics and affine terms around 1 and
+    fills all-zero floating tensors with small noise, seeded, so every branch contributes.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(t.shape, generator=gen, dtype=t.dtype) * (hi - lo) + lo
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+                module.running_mean.copy_(rand(module.running_mean, -0.1, 0.1))
+                module.running_var.copy_(rand(module.running_var, 0.5, 1.5))
+                if module.affine:
+                    module.weight.copy_(rand(module.weight, 0.5, 1.5))
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point() and tensor.numel() > 1 and not tensor.any():
+                tensor.copy_(torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype) * 0.02)
+    return model

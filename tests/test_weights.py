@@ -84,3 +84,17 @@ def test_export_records_the_checkpoint(tmp_path) -> None:
     assert result.ok
     recorded = json.loads(result.manifest_path.read_text())["model"]["weights"]
     assert recorded["path"].endswith("w.safetensors") and len(recorded["sha256"]) == 64
+
+
+def test_exercise_all_parameters_removes_dead_branches() -> None:
+    from edgevit.weights import exercise_all_parameters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).eval()
+    torch.nn.init.zeros_(model[1].weight)  # a zero-gamma residual branch, as EfficientViT initialises
+    x = torch.randn(1, 3, 4, 4)
+    assert not model(x).any()
+    exercise_all_parameters(model, seed=0)
+    assert model(x).abs().min() > 0 and model[1].bias.any()
+    again = exercise_all_parameters(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)), 0)
+    assert torch.equal(again[1].running_var, model[1].running_var)  # seeded
