@@ -78,7 +78,8 @@ class LiteRTRunner(Runner):
 
     def run(self, inputs: Arrays) -> Arrays:
         for detail, array in zip(self.inputs, inputs):
-            self.interpreter.set_tensor(detail["index"], array)
+            # LiteRT narrows int64 graph inputs to int32; feed what the interpreter declares.
+            self.interpreter.set_tensor(detail["index"], np.asarray(array, dtype=detail["dtype"]))
         self.interpreter.invoke()
         return [self.interpreter.get_tensor(d["index"]).copy() for d in self.outputs]
 

@@ -247,6 +247,12 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _worst(outputs: list[dict], key: str, fn: Any) -> Optional[float]:
+    """``fn`` (max or min) of a metric over the outputs that have it (top-k exists only for class scores)."""
+    values = [o[key] for o in outputs if o.get(key) is not None]
+    return fn(values) if values else None
+
+
 def _report(manifests: list[dict], as_json: bool) -> None:
     if as_json:
         out_console.print_json(json.dumps(manifests))
@@ -261,13 +267,13 @@ def _report(manifests: list[dict], as_json: bool) -> None:
             continue
         p = m["parity"]
         outs = p.get("outputs") or []
-        worst = lambda key, fn: fn(o[key] for o in outs) if outs and outs[0][key] is not None else None  # noqa: E731
+        worst = lambda key, fn: _worst(outs, key, fn)  # noqa: E731
         err = worst("max_abs_err", max)
-        peak = worst("peak", max)
+        ratios = [o["max_abs_err"] / o["peak"] for o in outs if o.get("peak")]
         status = m["status"]
         table.add_row(
             m["target"], m["precision"], f"[{STATUS_STYLE.get(status, 'white')}]{STATUS_TEXT.get(status, status)}[/]",
-            _fmt(err, ".2e"), _fmt(err / peak if err is not None and peak else None, ".1e"),
+            _fmt(err, ".2e"), _fmt(max(ratios) if ratios else None, ".1e"),
             _fmt(worst("cosine", min), ".7f"), _fmt(worst("top1_agreement", min), ".2f"),
             _fmt(worst("top5_agreement", min), ".2f"), _fmt(p.get("median_ms"), ".2f"),
         )
