@@ -7,7 +7,12 @@ passes (issue 4) exist to empty this table.
 
 from __future__ import annotations
 
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    ("filtervit_xxs", "coreml"): (
+        "coremltools conversion does not finish (>28 min): the MIL optimisation passes crawl over the "
+        "non-integer adaptive average pools 110->20->110 (about 10 s per pass for the 20x20 block)"
+    ),
+}
 
 
 def known_failure(model: str, target: str) -> str | None:
