@@ -67,3 +67,21 @@ def _status_in_child(model: str, target: str, out, input_size: int | None) -> st
     import json
 
     return json.loads(proc.stdout)[0]["status"]
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_navit_packed_forward_exports_with_integer_inputs(tmp_path, target: str) -> None:
+    """Non-image inputs (patches + int32 positions and image ids) and a (1, images, classes) output."""
+    import torch
+
+    from edgevit.models.navit import NaViTPacked, pack_images
+
+    torch.manual_seed(0)
+    model = edgevit.create_model("navit_tiny").eval()
+    images = [torch.rand(3, 64, 96), torch.rand(3, 128, 32), torch.rand(3, 48, 48)]
+    packed = pack_images(images, 16, seq_len=64, max_images=3)
+    result = edgevit.export_model(NaViTPacked(model, max_images=3), packed.tensors(), target=target, out=tmp_path)
+    assert result.parity.status == "passed", result.parity.to_dict()
+    dtypes = [i["dtype"] for i in result.manifest["inputs"]]
+    assert dtypes[0] == "float32" and all(d.startswith("int") for d in dtypes[1:])
+    assert result.manifest["outputs"][0]["shape"] == [1, 3, 1000]
