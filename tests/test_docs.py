@@ -33,3 +33,12 @@ def test_readme_has_the_two_setup_commands() -> None:
         commands = [ln for ln in _readme_block(name).splitlines() if ln and not ln.startswith("```")]
         assert len(commands) == 1 and commands[0].startswith("python3.11 -m venv .venv && ")
     assert "edgevit export deit_tiny --target all" in _readme_block("main-command")
+
+
+def test_readme_known_failures_match_the_table() -> None:
+    from edgevit.export.known_failures import KNOWN_FAILURES
+
+    section = README.read_text().split("### Known failures", 1)[1].split("## ", 1)[0]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]) for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith(("| model", "|---"))}
+    assert rows == set(KNOWN_FAILURES)
