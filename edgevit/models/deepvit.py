@@ -24,11 +24,13 @@ the folded form against this one).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from edgevit.models.layers import Mlp
-from edgevit.models.vit import PatchEmbed
+from edgevit.models.vit import VisionTransformer
 from edgevit.registry import ModelInfo, register_model
 
 _PAPER = "DeepViT: Towards Deeper Vision Transformer (arXiv 2103.11886)"
@@ -91,8 +93,11 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class DeepVisionTransformer(nn.Module):
-    """Class-token ViT whose every block uses re-attention (DeepViT-16/24/32 of the official code)."""
+class DeepVisionTransformer(VisionTransformer):
+    """Class-token ViT whose every block uses re-attention (DeepViT-16/24/32 of the official code).
+
+    Everything but the block is the ViT of vit.py (same keys, init and forward), as in the official code.
+    """
 
     def __init__(
         self,
@@ -105,40 +110,8 @@ class DeepVisionTransformer(nn.Module):
         num_classes: int = 1000,
         transform_scale: bool = False,
     ) -> None:
-        super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch size {patch_size}")
-        num_patches = (img_size // patch_size) ** 2
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.blocks = nn.Sequential(
-            *[Block(embed_dim, num_heads, mlp_ratio, transform_scale) for _ in range(depth)]
-        )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # Truncated-normal(0.02) for Linear layers and tokens (official code, after timm); the head-mixing
-        # convolution and BatchNorm keep PyTorch's defaults as there.
-        if self.pos_embed.is_meta:
-            return
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1) + self.pos_embed
-        return self.norm(self.blocks(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x)[:, 0])
+        block = partial(Block, transform_scale=transform_scale)
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, num_classes, block)
 
 
 def _register(depth: int) -> None:

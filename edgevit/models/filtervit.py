@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevit.models.layers import make_divisible
+from edgevit.models.layers import PackedMultiheadAttention, make_divisible
 from edgevit.registry import ModelInfo, register_model
 
 _PAPER = "FilterViT and DropoutViT (v3: FilterMobileViT and DropoutVIT) (arXiv 2410.22709)"
@@ -128,54 +128,13 @@ class FilterConv(nn.Module):
 # --- transformer (PyTorch nn.TransformerEncoderLayer semantics, rank <= 4) -----------------------------
 
 
-class Attention(nn.Module):
-    """``nn.MultiheadAttention`` (self-attention, batch-first) with every tensor of rank <= 4.
-
-    Same parameters and names (``in_proj_weight`` (3C, C), ``in_proj_bias``, ``out_proj``) and the same
-    maths, including the 0.1 dropout on attention weights in training; the packed projection is sliced
-    into q, k, v rather than unflattened to rank 5.
-    """
-
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-        self.attn_drop = nn.Dropout(dropout)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # nn.MultiheadAttention's init: xavier-uniform packed projection, zero biases.
-        if self.in_proj_weight.is_meta:
-            return
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.in_proj_bias)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, _ = t.shape
-        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(c, dim=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        return self.out_proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-
-
 class EncoderLayer(nn.Module):
     """``nn.TransformerEncoderLayer(d_model, nhead, ff, batch_first=True)`` defaults: post-norm, ReLU,
     dropout 0.1, LayerNorm eps 1e-5 (spec 5.1); the same submodule names, so its state dict loads."""
 
     def __init__(self, dim: int, num_heads: int, ff_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
-        self.self_attn = Attention(dim, num_heads, dropout)
+        self.self_attn = PackedMultiheadAttention(dim, num_heads, dropout)
         self.linear1 = nn.Linear(dim, ff_dim)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(ff_dim, dim)

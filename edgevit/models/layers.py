@@ -77,6 +77,49 @@ class MultiHeadSelfAttention(nn.Module):
         return self.proj(out)
 
 
+class PackedMultiheadAttention(nn.Module):
+    """Self-attention with ``nn.MultiheadAttention``'s parameters and keys, computed at rank <= 4.
+
+    ``in_proj_weight`` (3C, C) / ``in_proj_bias`` (3C,) hold [q; k; v]; ``out_proj`` is a Linear. The
+    fused projection is sliced into q, k, v, each reshaped (B, N, H, hd) -> (B, H, N, hd), so no tensor
+    exceeds rank 4 (reference section 0.1). Maths as PyTorch's: softmax(q k^T / sqrt(hd)) v, with
+    ``dropout`` on the attention weights in training, as ``nn.MultiheadAttention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        self.attn_drop = nn.Dropout(dropout)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # nn.MultiheadAttention's init: xavier-uniform packed projection, zero biases.
+        if self.in_proj_weight.is_meta:
+            return
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(c, dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        return self.out_proj(out)
+
+
 class ConvNormAct(nn.Sequential):
     """Conv2d (no bias) + BatchNorm2d + optional activation; keys ``conv.*``, ``bn.*`` as in timm."""
 

@@ -7,6 +7,8 @@ as they are.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -56,15 +58,17 @@ class VisionTransformer(nn.Module):
         num_heads: int = 3,
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
+        block_layer: Callable[[int, int, float], nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        block_layer = block_layer or Block  # variants (DeepViT) swap the block, keep the rest
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch size {patch_size}")
         num_patches = (img_size // patch_size) ** 2
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[block_layer(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
         self._init_weights()
