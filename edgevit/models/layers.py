@@ -19,6 +19,23 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None,
     return new_value
 
 
+def init_transformer_weights(model: nn.Module, *tokens: nn.Parameter) -> None:
+    """DeiT/timm init: truncated-normal(0.02) for ``tokens`` and Linear weights, zero Linear biases.
+
+    Matters for random-weight parity: realistic activation scales keep the comparison meaningful.
+    A no-op on the meta device (parameter counting builds models there).
+    """
+    if any(t.is_meta for t in tokens):
+        return
+    for token in tokens:
+        nn.init.trunc_normal_(token, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class Mlp(nn.Module):
     """Token MLP: Linear -> activation -> Linear (ViT/DeiT FFN)."""
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevit.models.layers import Mlp, MultiHeadSelfAttention
+from edgevit.models.layers import Mlp, MultiHeadSelfAttention, init_transformer_weights
 from edgevit.registry import ModelInfo, register_model
 
 _PAPER = "Patch n' Pack: NaViT, a Vision Transformer for any Aspect Ratio and Resolution (arXiv 2307.06304)"
@@ -186,18 +186,7 @@ class NaViT(nn.Module):
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # Truncated-normal(0.02) as vit.py, so random-weight parity sees realistic activation scales.
-        if self.pos_embed_h.is_meta:
-            return
-        nn.init.trunc_normal_(self.pos_embed_h, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed_w, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_transformer_weights(self, self.pos_embed_h, self.pos_embed_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W), H and W multiples of the patch size -> logits (B, num_classes)."""

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from edgevit.models.layers import Mlp, MultiHeadSelfAttention
+from edgevit.models.layers import Mlp, MultiHeadSelfAttention, init_transformer_weights
 from edgevit.registry import ModelInfo, register_model
 
 _VIT_PAPER = "An Image is Worth 16x16 Words (arXiv 2010.11929)"
@@ -71,19 +71,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[block_layer(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # Truncated-normal(0.02) init as in DeiT; matters only for random-weight parity tests, where
-        # realistic activation scales keep the comparison meaningful.
-        if self.pos_embed.is_meta:
-            return
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_transformer_weights(self, self.pos_embed, self.cls_token)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
