@@ -6,8 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import edgevit
 from edgevit.models.deepvit import DeepVisionTransformer, ReAttention
@@ -16,20 +14,6 @@ from edgevit.weights import load_weights
 
 # (params in millions, GMACs @224) of the official code, random init (section 7.2).
 REFERENCE = {"deepvit_16": (24.43, 5.27), "deepvit_24": (36.26, 7.88), "deepvit_32": (48.10, 10.49)}
-
-
-class _MaxRank(TorchDispatchMode):
-    """Records the largest rank of any tensor an aten op produces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.max_rank = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ranks = [t.ndim for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        self.max_rank = max([self.max_rank, *ranks])
-        return out
 
 
 def _randomise_bn(attn: ReAttention) -> None:
@@ -108,11 +92,9 @@ def test_attention_maps_are_not_renormalised() -> None:
     assert not torch.allclose(rows, torch.ones_like(rows), atol=1e-3)
 
 
-def test_tensors_stay_rank_4() -> None:
+def test_tensors_stay_rank_4(max_rank) -> None:
     model = DeepVisionTransformer(img_size=32, embed_dim=48, depth=2, num_heads=4, num_classes=10).eval()
-    with torch.no_grad(), _MaxRank() as probe:
-        model(torch.rand(1, 3, 32, 32))
-    assert probe.max_rank <= 4
+    assert max_rank(model, torch.rand(1, 3, 32, 32)) <= 4
 
 
 def test_official_key_layout() -> None:

@@ -5,28 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import edgevit
 from edgevit.models.memvit import MemoryViT
 from edgevit.registry import model_info
 
 SIZE = 32  # 2x2 patches: the masking logic does not depend on the token count
-
-
-class _MaxRank(TorchDispatchMode):
-    """Records the largest rank of any tensor an aten op produces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.max_rank = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ranks = [t.ndim for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        self.max_rank = max([self.max_rank, *ranks])
-        return out
 
 
 def _small(seed: int = 0) -> MemoryViT:
@@ -121,15 +105,13 @@ def test_efficient_form_equals_concatenate_mask_truncate() -> None:
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_mask_is_finite_and_tensors_stay_rank_4() -> None:
+def test_mask_is_finite_and_tensors_stay_rank_4(max_rank) -> None:
     model = _small()
     model.add_task(5, 2)
     model.add_task(4, 3, extend=True)
     assert torch.isfinite(model.task_mask).all() and model.task_mask.min() < -1e3
     assert "task_mask" not in model.state_dict()
-    with torch.no_grad(), _MaxRank() as probe:
-        model(torch.randn(1, 3, SIZE, SIZE))
-    assert probe.max_rank <= 4
+    assert max_rank(model, torch.randn(1, 3, SIZE, SIZE)) <= 4
 
 
 def test_deit_tiny_checkpoint_loads_into_the_backbone(tmp_path) -> None:

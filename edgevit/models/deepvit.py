@@ -29,39 +29,28 @@ from functools import partial
 import torch
 from torch import nn
 
-from edgevit.models.layers import Mlp
+from edgevit.models.layers import Mlp, MultiHeadSelfAttention
 from edgevit.models.vit import VisionTransformer
 from edgevit.registry import ModelInfo, register_model
 
 _PAPER = "DeepViT: Towards Deeper Vision Transformer (arXiv 2103.11886)"
 
 
-class ReAttention(nn.Module):
+class ReAttention(MultiHeadSelfAttention):
     """Multi-head self-attention with a learnable head-mixing matrix and BatchNorm on the maps.
 
-    q, k, v are *sliced* from the fused ``qkv`` output and reshaped per head (rank 4, like
-    ``layers.MultiHeadSelfAttention``) instead of the reference's (B, N, 3, h, hd) rank-5 pattern.
+    ``qkv``/``proj`` and the rank-4 head split come from ``layers.MultiHeadSelfAttention`` (q, k, v are
+    sliced from the fused output instead of the reference's (B, N, 3, h, hd) rank-5 pattern).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, transform_scale: bool = False) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
+        super().__init__(dim, num_heads, qkv_bias)
         # s of section 7.1: the official ``reatten_scale`` (head_dim^-0.5 only with transform_scale).
         self.reatten_scale = self.scale if transform_scale else 1.0
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         # Theta of the paper: a 1x1 convolution over the head axis, with bias (official layers.py).
         self.reatten_matrix = nn.Conv2d(num_heads, num_heads, 1)
         # The official Norm(.) is BatchNorm over (B, N, N) per head.
         self.var_norm = nn.BatchNorm2d(num_heads)
-        self.proj = nn.Linear(dim, dim)
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, _ = t.shape
-        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def reattend(self, attn: torch.Tensor) -> torch.Tensor:
         """Re-attention of softmax maps (B, h, N, N): BN(Conv1x1(A)) * s, heads as channels."""
