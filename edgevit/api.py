@@ -27,6 +27,7 @@ from edgevit.export.manifest import (
     write_json_atomic,
 )
 from edgevit.export.parity import ParityReport, compare
+from edgevit.export.passes import PipelineResult, resolve_passes, run_pipeline
 from edgevit.export.targets import Target, get_target, resolve_precision
 from edgevit.registry import ModelInfo, check_input_size, create_model, model_info
 from edgevit.weights import exercise_all_parameters
@@ -72,20 +73,30 @@ def export_model(
     seed: int = 0,
     latency_runs: int = 0,
     weights: str | os.PathLike | None = None,
+    passes: str | Sequence[str] | None = "auto",
+    accelerator: str | None = None,
+    compare_without_passes: bool = False,
 ) -> ExportResult:
     """Export a zoo model (by name) or any module to ``target``, check parity, write a manifest.
 
     The artifact and ``manifest.json`` land in ``out``. ``precision`` defaults to the target's default.
     ``weights`` loads a checkpoint into a zoo model (random weights, seeded by ``seed``, otherwise).
+    ``passes`` is ``"auto"`` (the pipeline of ``target`` on ``accelerator``, default: the target's first
+    accelerator), ``"none"``, or pass names; the manifest records each pass's sites and numerical change.
+    ``compare_without_passes`` also converts the unrewritten program and records its parity (or its
+    conversion error) next to the pipeline's, at the cost of a second conversion.
     A parity failure still writes both (the manifest says ``failed``) and then raises
     :class:`~edgevit.errors.ParityError`, whose ``result`` attribute holds the :class:`ExportResult`.
     """
     tgt = get_target(target)
     precision = resolve_precision(tgt, precision)
+    acc = tgt.accelerator(accelerator).name
+    pass_names = resolve_passes(passes, tgt.name, acc)
     tgt.check_installed()
     subject = _prepare_subject(model_or_name, example_inputs, input_size, name, seed, weights)
     out_dir = prepare_out_dir(Path(out))
-    program = capture(subject.model, subject.example_inputs)
+    pipeline = run_pipeline(subject.model, subject.example_inputs, pass_names, _parity_inputs(subject))
+    program = pipeline.program
     with torch.no_grad():
         example_out = subject.model(*subject.example_inputs)
     names = output_names(example_out)
@@ -99,11 +110,14 @@ def export_model(
             parity = _verify(tgt, staged, subject, names, precision, latency_runs)
         else:
             parity = ParityReport("skipped", precision, detail="--no-verify: parity not checked")
+        without = _without_passes(tgt, subject, names, precision, staging) if compare_without_passes else None
         files = [out_dir / f.name for f in sorted(staging.iterdir())]
         for f in sorted(staging.iterdir()):
             place(f, out_dir / f.name)
         artifact = out_dir / staged.name
         manifest = _manifest(tgt, subject, precision, artifact, files, parity, example_out, names)
+        manifest["accelerator"] = acc
+        manifest["passes"] = _passes_record(passes, pass_names, pipeline, parity, without)
         manifest_path = out_dir / MANIFEST_NAME
         write_json_atomic(manifest_path, manifest)
     finally:
@@ -182,6 +196,48 @@ def _convert(tgt: Target, program: torch.export.ExportedProgram, inputs: tuple, 
         raise EdgevitError(f"{tgt.converter} failed: {type(exc).__name__}: {first[:300]}") from exc
 
 
+def _passes_record(
+    requested: str | Sequence[str] | None,
+    names: tuple[str, ...],
+    pipeline: PipelineResult,
+    parity: ParityReport,
+    without: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest's account of the pipeline: what ran, where it rewrote, and what it cost."""
+    spec = requested if isinstance(requested, str) or requested is None else ",".join(requested)
+    with_passes = parity.worst("max_abs_err")
+    return {
+        "requested": spec or "auto",
+        "pipeline": list(names),
+        "applied": [r.to_dict() for r in pipeline.reports],
+        "sites_total": sum(r.sites for r in pipeline.reports),
+        "parity_cost": {
+            "graph_max_abs_change": pipeline.max_abs_change,  # rewritten graph vs the model, in PyTorch
+            "artifact_max_abs_with_passes": with_passes,
+            "without_passes": without,  # only with compare_without_passes
+        },
+    }
+
+
+def _without_passes(
+    tgt: Target, subject: _Subject, names: list[str], precision: str, staging: Path
+) -> dict[str, Any]:
+    """Convert the unrewritten program too and report its parity, or the conversion's error."""
+    scratch = staging / ".without-passes"
+    scratch.mkdir()
+    try:
+        program = capture(subject.model, subject.example_inputs)
+        artifact = scratch / f"{subject.name}{tgt.suffix}"
+        try:
+            _convert(tgt, program, subject.example_inputs, artifact, precision)
+        except EdgevitError as exc:
+            return {"status": "conversion failed", "error": str(exc)}
+        report = _verify(tgt, artifact, subject, names, precision, 0)
+        return {"status": report.status, "max_abs": report.worst("max_abs_err")}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _verify(
     tgt: Target, artifact: Path, subject: _Subject, names: list[str], precision: str, latency_runs: int
 ) -> ParityReport:
@@ -244,7 +300,8 @@ def _manifest(
         "precision": precision,
         "converter": tgt.converter,
         "runtime": tgt.runtime,
-        "passes": [{"name": p, "sites": None} for p in tgt.passes],
+        "accelerator": None,  # filled in by export_model
+        "passes": None,
         "artifact": {
             "file": artifact.name,
             "sha256": sha256_of(artifact),

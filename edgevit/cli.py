@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -86,16 +87,83 @@ def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
     from edgevit.export.targets import TARGETS
 
     if as_json:
-        out_console.print_json(json.dumps([t.__dict__ for t in TARGETS.values()]))
+        rows = [asdict(t) | {"pipelines": {a.name: list(t.pipeline(a.name)) for a in t.accelerators}}
+                for t in TARGETS.values()]
+        out_console.print_json(json.dumps(rows))
         return
     table = Table(title="edgevit targets")
-    for col in ("target", "suffix", "converter", "parity runtime", "precisions", "passes", "extra"):
+    for col in ("target", "suffix", "converter", "parity runtime", "precisions", "accelerators", "extra"):
         table.add_column(col)
     for t in TARGETS.values():
         precisions = ", ".join(f"{p}*" if p == t.default_precision else p for p in t.precisions)
-        table.add_row(t.name, t.suffix, t.converter, t.runtime, precisions, ", ".join(t.passes) or "none", t.extra)
+        accs = ", ".join(f"{a.name}*" if a.name == t.default_accelerator else a.name for a in t.accelerators)
+        table.add_row(t.name, t.suffix, t.converter, t.runtime, precisions, accs, t.extra)
     out_console.print(table)
-    out_console.print("* default precision")
+    out_console.print("* default precision / accelerator; pass pipelines: 'edgevit passes --target T'")
+
+
+@app.command("passes")
+def passes_cmd(
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Only the pipeline of this target."),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", "-a", help="Accelerator of --target."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the op-substitution passes, or one target's pipeline (``--passes auto``) in order."""
+    from edgevit.export.passes import PASSES, wants
+    from edgevit.export.targets import TARGETS, get_target
+
+    try:
+        if accelerator is not None and target is None:
+            raise EdgevitError("--accelerator needs --target")
+        if target is not None:
+            tgt = get_target(target)
+            acc = tgt.accelerator(accelerator).name
+            names = tgt.pipeline(acc)
+        else:
+            names = tuple(sorted(PASSES, key=lambda n: (PASSES[n].order, n)))
+    except EdgevitError as exc:
+        _fail(str(exc), exc.exit_code)
+    pairs = [(t.name, a.name) for t in TARGETS.values() for a in t.accelerators]
+    rows = [
+        {"name": n, "order": PASSES[n].order, "kind": PASSES[n].kind, "exact": PASSES[n].exact,
+         "summary": PASSES[n].summary(), "fixes": list(PASSES[n].fixes),
+         "pipelines": [f"{t}:{a}" for t, a in pairs if wants(PASSES[n], t, a)]}
+        for n in names
+    ]
+    if as_json:
+        out_console.print_json(json.dumps(rows))
+        return
+    title = f"pipeline for {target}:{acc}" if target else "edgevit passes"
+    table = Table(title=title)
+    for col in ("#", "pass", "exact", "what it rewrites", "in pipelines"):
+        table.add_column(col, overflow="fold")
+    for i, r in enumerate(rows, 1):
+        where = "all" if len(r["pipelines"]) == len(pairs) else ", ".join(r["pipelines"]) or "none (on request)"
+        table.add_row(str(i), r["name"], "yes" if r["exact"] else "[yellow]approx[/]", r["summary"], where)
+    out_console.print(table)
+
+
+@dataclass
+class _ExportOptions:
+    """The export flags a parent forwards to each per-target child process."""
+
+    input_size: Optional[int] = None
+    precision: Optional[str] = None
+    no_verify: bool = False
+    latency_runs: int = 10
+    weights: Optional[Path] = None
+    passes: str = "auto"
+    accelerator: Optional[str] = None
+    compare_without_passes: bool = False
+
+    def to_flags(self) -> list[str]:
+        flags = ["--latency-runs", str(self.latency_runs), "--passes", self.passes]
+        for flag, value in (("--weights", self.weights), ("--input-size", self.input_size),
+                            ("--precision", self.precision), ("--accelerator", self.accelerator)):
+            if value:
+                flags += [flag, str(value)]
+        flags += ["--no-verify"] * self.no_verify + ["--compare-without-passes"] * self.compare_without_passes
+        return flags
 
 
 @app.command("export")
@@ -110,6 +178,15 @@ def export_cmd(
     weights: Optional[Path] = typer.Option(
         None, "--weights", help="Checkpoint (.safetensors or torch file, read weights-only) [default: random, seed 0]."
     ),
+    passes: str = typer.Option(
+        "auto", "--passes", help="'auto' (the target's pipeline), 'none', or pass names, comma-separated."
+    ),
+    accelerator: Optional[str] = typer.Option(
+        None, "--accelerator", "-a", help="Pipeline for this accelerator (see 'edgevit targets') [default: the first]."
+    ),
+    compare_without_passes: bool = typer.Option(
+        False, "--compare-without-passes", help="Also convert without passes and record that parity (2x time)."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check (the manifest says so)."),
     latency_runs: int = typer.Option(10, "--latency-runs", help="Timed runs for the median latency (0: none)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest(s) as JSON."),
@@ -120,51 +197,68 @@ def export_cmd(
     Each target converts in its own process with a timeout, so a converter crash or hang costs only
     its row. With --target all, artifacts go to OUT/TARGET.
     """
-    from edgevit.export.targets import PRECISIONS, TARGETS, get_target
-    from edgevit.registry import check_input_size, model_info
+    from edgevit.export.targets import TARGETS
 
+    opts = _ExportOptions(input_size, precision, no_verify, latency_runs, weights, passes, accelerator,
+                          compare_without_passes)
     try:
-        info = model_info(model)
-        targets = list(TARGETS) if target == "all" else [get_target(target).name]
-        if precision is not None and precision not in PRECISIONS:
-            raise EdgevitError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
-        size = check_input_size(info, input_size or info.input_size)
-        if weights is not None:
-            from edgevit.registry import create_model
-
-            weights = weights.resolve()
-            create_model(info.name, weights=weights, img_size=size)  # a bad file fails here, before any child
-        if target != "all":
-            tgt = TARGETS[targets[0]]
-            resolve_precision(tgt, precision)
-            tgt.check_installed()
+        info, targets = _check_export_args(model, target, opts)
         base = out or (Path("exports") / info.name if target == "all" else Path("exports") / info.name / target)
         prepare_out_dir(base)
     except EdgevitError as exc:
         _fail(str(exc), exc.exit_code)
     if in_process:
-        manifest = _export_here(info.name, targets[0], base, input_size, precision, no_verify, latency_runs, weights)
+        manifest = _export_here(info.name, targets[0], base, opts)
         out_console.file.write(json.dumps([manifest]) + "\n")
         raise typer.Exit(_exit_code([manifest]))
-    flags = _forwarded_flags(input_size, precision, no_verify, latency_runs, weights)
     outs = {t: base / t if target == "all" else base for t in targets}
-    manifests = _export_isolated(info.name, outs, flags, quiet=as_json)
+    manifests = _export_isolated(info.name, outs, opts.to_flags(), quiet=as_json)
     if target != "all" and manifests[0]["status"] == "error":
         _fail(manifests[0]["error"])
     _report(manifests, as_json)
     raise typer.Exit(_exit_code(manifests))
 
 
-def _export_here(model: str, target: str, out: Path, input_size: Optional[int], precision: Optional[str],
-                 no_verify: bool, latency_runs: int, weights: Optional[Path]) -> dict[str, Any]:
+def _check_export_args(model: str, target: str, opts: _ExportOptions) -> tuple[Any, list[str]]:
+    """Every argument error as a one-line EdgevitError, before any child process starts."""
+    from edgevit.export.passes import resolve_passes
+    from edgevit.export.targets import PRECISIONS, TARGETS, get_target
+    from edgevit.registry import check_input_size, model_info
+
+    info = model_info(model)
+    targets = list(TARGETS) if target == "all" else [get_target(target).name]
+    if opts.precision is not None and opts.precision not in PRECISIONS:
+        raise EdgevitError(f"unknown precision '{opts.precision}'; choose one of: {', '.join(PRECISIONS)}")
+    if opts.accelerator is not None and target == "all":
+        raise EdgevitError("--accelerator applies to one target; pick it with --target")
+    for t in targets:
+        resolve_passes(opts.passes, t, TARGETS[t].accelerator(opts.accelerator).name)
+    check_input_size(info, opts.input_size or info.input_size)
+    if opts.weights is not None:
+        from edgevit.registry import create_model
+
+        opts.weights = opts.weights.resolve()
+        create_model(info.name, weights=opts.weights, img_size=opts.input_size or info.input_size)  # fail early
+    if target != "all":
+        tgt = TARGETS[targets[0]]
+        resolve_precision(tgt, opts.precision)
+        tgt.check_installed()
+    return info, targets
+
+
+def _export_here(model: str, target: str, out: Path, opts: _ExportOptions) -> dict[str, Any]:
     """The child's side: export in this process, converters' prints kept off stdout."""
     from edgevit.api import export_model
     from edgevit.errors import ParityError
 
     try:
         with _StdoutToStderr():
-            result = export_model(model, target=target, out=out, precision=precision, verify=not no_verify,
-                                  input_size=input_size, latency_runs=latency_runs, weights=weights)
+            result = export_model(
+                model, target=target, out=out, precision=opts.precision, verify=not opts.no_verify,
+                input_size=opts.input_size, latency_runs=opts.latency_runs, weights=opts.weights,
+                passes=opts.passes, accelerator=opts.accelerator,
+                compare_without_passes=opts.compare_without_passes,
+            )
     except ParityError as exc:
         result = exc.result
     except EdgevitError as exc:
@@ -184,20 +278,6 @@ class _StdoutToStderr:
         sys.stdout.flush()
         os.dup2(self._saved, 1)
         os.close(self._saved)
-
-
-def _forwarded_flags(input_size: Optional[int], precision: Optional[str], no_verify: bool, runs: int,
-                     weights: Optional[Path]) -> list[str]:
-    flags = ["--latency-runs", str(runs)]
-    if weights:
-        flags += ["--weights", str(weights)]
-    if input_size:
-        flags += ["--input-size", str(input_size)]
-    if precision:
-        flags += ["--precision", precision]
-    if no_verify:
-        flags.append("--no-verify")
-    return flags
 
 
 def _export_isolated(model: str, outs: dict[str, Path], flags: list[str], quiet: bool) -> list[dict]:
@@ -259,11 +339,11 @@ def _report(manifests: list[dict], as_json: bool) -> None:
         return
     table = Table(title=f"parity vs PyTorch: {manifests[0]['model']['name']}")
     for col in ("target", "precision", "status", "max abs err", "err/peak", "cosine", "top-1", "top-5",
-                "median ms"):
+                "median ms", "passes (sites)"):
         table.add_column(col, justify="left" if col in ("target", "status") else "right")
     for m in manifests:
         if m["status"] == "error":
-            table.add_row(m["target"], "-", "[red]error[/]", *["-"] * 6)
+            table.add_row(m["target"], "-", "[red]error[/]", *["-"] * 7)
             continue
         p = m["parity"]
         outs = p.get("outputs") or []
@@ -275,7 +355,7 @@ def _report(manifests: list[dict], as_json: bool) -> None:
             m["target"], m["precision"], f"[{STATUS_STYLE.get(status, 'white')}]{STATUS_TEXT.get(status, status)}[/]",
             _fmt(err, ".2e"), _fmt(max(ratios) if ratios else None, ".1e"),
             _fmt(worst("cosine", min), ".7f"), _fmt(worst("top1_agreement", min), ".2f"),
-            _fmt(worst("top5_agreement", min), ".2f"), _fmt(p.get("median_ms"), ".2f"),
+            _fmt(worst("top5_agreement", min), ".2f"), _fmt(p.get("median_ms"), ".2f"), _passes_cell(m),
         )
     out_console.print(table)
     for m in manifests:
@@ -287,6 +367,12 @@ def _report(manifests: list[dict], as_json: bool) -> None:
         if m["status"] == "failed":
             detail = m["parity"].get("detail") or f"see {m.get('artifact_path', 'the manifest')}"
             err_console.print(f"[red]parity failed[/] for {m['target']}: {escape(detail)}", soft_wrap=True)
+
+
+def _passes_cell(manifest: dict) -> str:
+    record = manifest.get("passes") or {}
+    applied = [r for r in record.get("applied", []) if r["sites"]]
+    return f"{len(applied)}/{len(record.get('pipeline', []))} ({record.get('sites_total', 0)})"
 
 
 def _quiet_third_party() -> None:

@@ -10,7 +10,8 @@ from edgevit.errors import EdgevitError
 
 def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """Export ``model`` (in eval mode) at the static shapes of ``example_inputs``."""
-    model = model.eval()
+    if not isinstance(model, torch.fx.GraphModule):  # the unlifted module of a program refuses eval()
+        model = model.eval()
     try:
         with torch.no_grad():
             return torch.export.export(model, example_inputs, strict=False)

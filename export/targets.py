@@ -17,6 +17,16 @@ PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
+class Accelerator:
+    """Where an artifact of a target runs on the device; the pass pipeline is chosen per accelerator."""
+
+    name: str
+    description: str
+    max_rank: int | None  # the largest tensor rank it accepts (None: no practical limit)
+    checker: str  # what `edgevit inspect` uses to judge coverage
+
+
+@dataclass(frozen=True)
 class Target:
     """One export target: what it writes, what runs it, and what it needs installed."""
 
@@ -29,9 +39,34 @@ class Target:
     extra: str  # pip extra that installs them
     precisions: tuple[str, ...]
     default_precision: str
-    passes: tuple[str, ...]  # op-substitution passes in the default pipeline (framework: issue 4)
+    accelerators: tuple[Accelerator, ...]  # the first is the default; pipelines come from the passes' wanted_by
     verified_on_linux: bool  # False: converted and structurally checked; numbers need macOS
     precision_notes: str = ""
+
+    @property
+    def default_accelerator(self) -> str:
+        return self.accelerators[0].name
+
+    def accelerator(self, name: str | None) -> Accelerator:
+        """The accelerator row for ``name`` (default: the first), or a one-line error."""
+        if name is None:
+            return self.accelerators[0]
+        for acc in self.accelerators:
+            if acc.name == name:
+                return acc
+        names = ", ".join(a.name for a in self.accelerators)
+        raise EdgevitError(f"target '{self.name}' has no accelerator '{name}'; choose one of: {names}")
+
+    def pipeline(self, accelerator: str | None = None) -> tuple[str, ...]:
+        """The default (``--passes auto``) pass pipeline for ``accelerator``."""
+        from edgevit.export.passes import default_pipeline
+
+        return default_pipeline(self.name, self.accelerator(accelerator).name)
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        """The default pipeline of the default accelerator."""
+        return self.pipeline()
 
     def converter_module(self) -> ModuleType:
         return importlib.import_module(f"edgevit.export.{self.module}")
@@ -60,7 +95,15 @@ TARGETS: dict[str, Target] = {
             extra="onnx",
             precisions=("fp32", "fp16"),
             default_precision="fp32",
-            passes=(),
+            accelerators=(
+                Accelerator("cpu", "onnxruntime CPU execution provider", None, "onnxruntime session"),
+                Accelerator("xnnpack", "onnxruntime XNNPACK execution provider", None,
+                            "softmax on the last axis (XNNPACK EP rule)"),
+                Accelerator("nnapi", "Android NNAPI execution provider", 4,
+                            "onnxruntime mobile usability checker (NNAPI)"),
+                Accelerator("coreml", "Core ML execution provider (MLProgram)", 5,
+                            "onnxruntime mobile usability checker (CoreML MLProgram)"),
+            ),
             verified_on_linux=True,
             precision_notes="fp16: float16 graph with fp32 inputs/outputs (onnxruntime float16 converter)",
         ),
@@ -74,7 +117,10 @@ TARGETS: dict[str, Target] = {
             extra="coreml",
             precisions=("fp16", "fp32"),
             default_precision="fp16",
-            passes=(),
+            accelerators=(
+                Accelerator("ane", "Apple Neural Engine (ComputeUnit.ALL / CPU_AND_NE)", 5,
+                            "ANE rules over the MIL program; MLComputePlan on macOS"),
+            ),
             verified_on_linux=False,
             precision_notes="fp16 is the ML Program default and the only precision the Neural Engine runs",
         ),
@@ -88,7 +134,12 @@ TARGETS: dict[str, Target] = {
             extra="tflite",
             precisions=("fp32", "fp16"),
             default_precision="fp32",
-            passes=(),
+            accelerators=(
+                Accelerator("xnnpack", "LiteRT CPU with the XNNPACK delegate", 6, "LiteRT interpreter"),
+                Accelerator("gpu", "LiteRT GPU delegate", 4,
+                            "TensorFlow Lite analyzer (gpu_compatibility) + rank<=4 / batch 1 scan"),
+                Accelerator("nnapi", "LiteRT NNAPI delegate", 4, "rank<=4 scan + NNAPI op list"),
+            ),
             verified_on_linux=True,
             precision_notes="fp16: float16 weights dequantized at load (ai-edge-quantizer float casting)",
         ),
@@ -102,7 +153,12 @@ TARGETS: dict[str, Target] = {
             extra="openvino",
             precisions=("fp32", "fp16"),
             default_precision="fp32",
-            passes=(),
+            accelerators=(
+                Accelerator("cpu", "OpenVINO CPU plugin", None, "Core.query_model"),
+                Accelerator("gpu", "OpenVINO GPU plugin (f16 by default)", None, "Core.query_model if present"),
+                Accelerator("npu", "OpenVINO NPU plugin (static shapes, f16)", None,
+                            "Core.query_model if present + static-shape rules"),
+            ),
             verified_on_linux=True,
             precision_notes="fp16: IR weights compressed to float16; inference precision as OpenVINO reports it",
         ),

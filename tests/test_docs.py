@@ -22,7 +22,7 @@ def test_readme_targets_table_matches_the_table() -> None:
     expected = [
         f"| {t.name} | {t.suffix} | {t.converter} | {t.runtime} | "
         f"{', '.join([t.default_precision, *[p for p in t.precisions if p != t.default_precision]])} | "
-        f"{', '.join(t.passes) or 'none'} | {t.extra} |"
+        f"{', '.join(a.name for a in t.accelerators)} | {t.extra} |"
         for t in TARGETS.values()
     ]
     assert rows == expected

@@ -67,7 +67,13 @@ def test_cell_manifest(matrix, model: str, target: str) -> None:
     versions = on_disk["versions"]
     assert versions["torch"].startswith("2.") and versions["edgevit"] and versions["python"]
     assert all(v for v in versions.values())
-    assert on_disk["passes"] == [{"name": p, "sites": None} for p in TARGETS[target].passes]
+    passes = on_disk["passes"]
+    assert on_disk["accelerator"] == TARGETS[target].default_accelerator
+    assert passes["requested"] == "auto" and passes["pipeline"] == list(TARGETS[target].passes)
+    assert [r["name"] for r in passes["applied"]] == passes["pipeline"]
+    assert passes["sites_total"] == sum(r["sites"] for r in passes["applied"])
+    # Exact passes keep the graph within fp32 rounding of the model (the artifact bound is 1e-4 of the peak).
+    assert passes["parity_cost"]["graph_max_abs_change"] <= 1e-5
     # Only finished files are left: the artifact (and its companions) plus the manifest.
     names = sorted(p.name for p in result.manifest_path.parent.iterdir())
     assert names == sorted([*on_disk["artifact"]["files"], "manifest.json"])

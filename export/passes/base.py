@@ -1,0 +1,203 @@
+"""The pass framework: registered graph rewrites over the captured ``torch.export`` program.
+
+A pass is a small class (the coremltools-MIL / ExecuTorch habit): a ``name``, the targets and
+accelerators that want it (``wanted_by``), a docstring saying what it rewrites and which backend limit
+it works around, and a ``matches(node)`` / ``rewrite(ctx, node)`` pair. Passes work on the unlifted
+ATen graph of ``ExportedProgram.module()`` (parameters are ``get_attr`` nodes), which any model
+captured by :func:`edgevit.export.capture.capture` has, zoo or not; the pipeline re-exports the
+rewritten graph so every converter still receives an ``ExportedProgram``.
+
+Where a graph rewrite is impractical a pass may instead be a :class:`ModulePass` that swaps modules
+before capture; it is registered, named, listed and reported the same way.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+
+@dataclass
+class PassReport:
+    """What one pass did: sites rewritten and the numerical change it made (max |Δ| of the outputs)."""
+
+    name: str
+    sites: int
+    exact: bool
+    max_abs_change: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sites": self.sites, "exact": self.exact,
+                "max_abs_change": self.max_abs_change, "notes": self.notes}
+
+
+class PassContext:
+    """The graph under rewrite, with the helpers passes share (shapes, constants, node insertion)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]):
+        self.gm = gm
+        self.graph: fx.Graph = gm.graph
+        self.example_inputs = example_inputs
+        self._const_id = 0
+
+    # --- facts about nodes -------------------------------------------------------------------
+    @staticmethod
+    def val(node: Any) -> Any:
+        """The example value recorded for ``node`` by :func:`annotate` (a meta tensor, tuple, or scalar)."""
+        return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+    def shape(self, node: Any) -> tuple[int, ...] | None:
+        v = self.val(node)
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    def rank(self, node: Any) -> int | None:
+        s = self.shape(node)
+        return None if s is None else len(s)
+
+    def constant(self, node: Any) -> torch.Tensor | None:
+        """The value of a parameter/buffer/constant node (``get_attr``), else None."""
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            obj: Any = self.gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            return obj if isinstance(obj, torch.Tensor) else None
+        return None
+
+    @staticmethod
+    def users(node: fx.Node) -> list[fx.Node]:
+        return list(node.users)
+
+    # --- building -------------------------------------------------------------------------------
+    def add_constant(self, value: torch.Tensor, hint: str = "const") -> fx.Node:
+        """Register ``value`` as a buffer on the graph module and return a ``get_attr`` node for it.
+
+        Insert it with ``graph.inserting_before(...)`` active, like any other node.
+        """
+        self._const_id += 1
+        attr = f"_edgevit_{hint}_{self._const_id}"
+        while hasattr(self.gm, attr):
+            self._const_id += 1
+            attr = f"_edgevit_{hint}_{self._const_id}"
+        self.gm.register_buffer(attr, value.detach().clone().contiguous())
+        node = self.graph.get_attr(attr)
+        node.meta["val"] = _meta_like(value)
+        return node
+
+    def call(self, op: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        """Insert ``op(*args, **kwargs)`` at the current insertion point and record its shape."""
+        node = self.graph.call_function(op, args, kwargs)
+        node.meta["val"] = _infer_meta(op, args, kwargs)
+        return node
+
+    def replace(self, old: fx.Node, new: fx.Node) -> None:
+        """Point every user of ``old`` at ``new`` (``old`` is removed later as dead code)."""
+        old.replace_all_uses_with(new)
+
+
+class GraphPass:
+    """Base class of graph passes. Subclasses set the class attributes and implement the pair below."""
+
+    name: ClassVar[str] = ""
+    #: "target", "target:accelerator" or "*"; the pass is in the default pipeline of what matches.
+    wanted_by: ClassVar[tuple[str, ...]] = ()
+    #: True when the rewrite is exact up to float re-association; False for approximations.
+    exact: ClassVar[bool] = True
+    #: Op names (ONNX op types, TFLite/MIL op names, or problems such as "rank>4") this pass removes;
+    #: ``edgevit inspect`` uses them to name the fix for an unsupported op.
+    fixes: ClassVar[tuple[str, ...]] = ()
+    #: Pipeline position; lower runs first (cleanups early, layout passes last).
+    order: ClassVar[int] = 50
+    kind: ClassVar[str] = "graph"
+
+    def matches(self, ctx: PassContext, node: fx.Node) -> bool:
+        raise NotImplementedError
+
+    def rewrite(self, ctx: PassContext, node: fx.Node) -> bool | None:
+        """Rewrite the site at ``node``; return False if it turned out not to apply."""
+        raise NotImplementedError
+
+    def run(self, ctx: PassContext) -> int:
+        """Apply the pass to every matching node once; returns the number of sites rewritten."""
+        sites = 0
+        for node in list(ctx.graph.nodes):
+            if node.graph is not ctx.graph or node.op != "call_function":
+                continue
+            if not self.matches(ctx, node):
+                continue
+            with ctx.graph.inserting_before(node):
+                done = self.rewrite(ctx, node)
+            if done is not False:
+                sites += 1
+        return sites
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+class ModulePass(GraphPass):
+    """A module-level swap, applied to the ``nn.Module`` before capture (only where a graph rewrite
+    is impractical). ``apply`` returns the number of modules swapped."""
+
+    kind: ClassVar[str] = "module"
+
+    def apply(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+
+# --- example values -----------------------------------------------------------------------------
+
+def _meta_like(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_meta_like(v) for v in value)
+    return value
+
+
+def _infer_meta(op: Callable, args: tuple, kwargs: dict) -> Any:
+    """Run ``op`` on meta tensors to learn the output shape of a node a pass just made."""
+    def to_meta(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return a.meta.get("val")
+        if isinstance(a, (list, tuple)):
+            return type(a)(to_meta(x) for x in a)
+        return a
+    try:
+        out = op(*to_meta(args), **{k: to_meta(v) for k, v in kwargs.items()})
+    except Exception:  # some ops have no meta kernel; the next annotate() fills the value in
+        return None
+    return _meta_like(out)
+
+
+class _Annotator(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["val"] = _meta_like(result)
+        return result
+
+
+def annotate(gm: fx.GraphModule, inputs: Iterable[torch.Tensor]) -> Any:
+    """Run ``gm`` once on real inputs and record every node's output shape/dtype in ``meta['val']``."""
+    with torch.no_grad():
+        return _Annotator(gm).run(*inputs)
+
+
+def is_op(node: Any, *ops: Any) -> bool:
+    """True when ``node`` calls one of ``ops`` (OpOverloads or OpOverloadPackets)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    return any(target is op or packet is op for op in ops)
+
+
+getitem = operator.getitem
