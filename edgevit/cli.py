@@ -369,6 +369,102 @@ def _report(manifests: list[dict], as_json: bool) -> None:
             err_console.print(f"[red]parity failed[/] for {m['target']}: {escape(detail)}", soft_wrap=True)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    model: str = typer.Argument(..., help="Zoo model name (see 'edgevit models')."),
+    target: str = typer.Option(..., "--target", "-t", help="onnx, coreml, tflite or openvino."),
+    accelerator: Optional[str] = typer.Option(
+        None, "--accelerator", "-a", help="One accelerator of the target [default: every one of them]."
+    ),
+    passes: str = typer.Option("auto", "--passes", help="'auto' (each accelerator's pipeline), 'none', or names."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size [default: the model's]."),
+    keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the inspected artifacts in this directory."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 unless every accelerator takes the whole model."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """How much of MODEL each accelerator of a target runs, judged by the vendors' own checkers.
+
+    Exports once per distinct pass pipeline (no parity run), then reports per accelerator: partitions,
+    nodes (and MACs) on the accelerator, each unsupported op with its count, and the pass that fixes it.
+    """
+    import tempfile
+
+    from edgevit.export.passes import resolve_passes
+    from edgevit.export.targets import get_target
+
+    opts = _ExportOptions(input_size=input_size, no_verify=True, latency_runs=0, passes=passes)
+    try:
+        tgt = get_target(target)
+        accs = [tgt.accelerator(accelerator).name] if accelerator else [a.name for a in tgt.accelerators]
+        info, _ = _check_export_args(model, tgt.name, opts)
+        pipelines = {a: resolve_passes(passes, tgt.name, a) for a in accs}
+        if keep is not None:
+            prepare_out_dir(keep)
+    except EdgevitError as exc:
+        _fail(str(exc), exc.exit_code)
+    with tempfile.TemporaryDirectory(prefix="edgevit-inspect-") as tmp:
+        rows = _inspect_rows(info.name, tgt.name, pipelines, opts, keep or Path(tmp), quiet=as_json)
+    _inspect_report(info.name, tgt.name, rows, as_json)
+    whole = all(r.get("coverage", {}).get("whole") for r in rows)
+    raise typer.Exit(2 if any("error" in r for r in rows) else (1 if strict and not whole else 0))
+
+
+def _inspect_rows(model: str, target: str, pipelines: dict[str, tuple[str, ...]], opts: _ExportOptions,
+                  base: Path, quiet: bool) -> list[dict[str, Any]]:
+    """Export once per distinct pipeline (isolated, like export) and run each accelerator's checker."""
+    from edgevit.devices.coverage import coverage
+
+    exported: dict[tuple[str, ...], dict[str, Any]] = {}
+    rows = []
+    for acc, names in pipelines.items():
+        if names not in exported:
+            flags = _ExportOptions(**{**asdict(opts), "accelerator": acc}).to_flags()
+            out = base / f"{target}-{acc}"
+            exported[names] = _export_isolated(model, {target: out}, flags, quiet=quiet)[0]
+        manifest = exported[names]
+        row: dict[str, Any] = {"accelerator": acc, "pipeline": list(names),
+                               "sites": (manifest.get("passes") or {}).get("sites_total")}
+        if manifest["status"] == "error":
+            row["error"] = manifest["error"]
+        else:
+            try:
+                row["coverage"] = coverage(Path(manifest["artifact_path"]), target, acc).to_dict()
+            except EdgevitError as exc:
+                row["error"] = str(exc)
+        rows.append(row)
+    return rows
+
+
+def _inspect_report(model: str, target: str, rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        out_console.print_json(json.dumps({"model": model, "target": target, "accelerators": rows}))
+        return
+    table = Table(title=f"accelerator coverage: {model} -> {target}")
+    for col in ("accelerator", "checker", "partitions", "nodes on it", "MACs on it", "whole", "passes (sites)"):
+        table.add_column(col, justify="right" if col in ("partitions", "nodes on it", "MACs on it") else "left")
+    for r in rows:
+        c = r.get("coverage")
+        if c is None:
+            table.add_row(r["accelerator"], "-", "-", "-", "-", "[red]error[/]", "-")
+            continue
+        macs = (f"{100 * c['macs_supported'] / c['macs_total']:.1f}%" if c.get("macs_total") else "-")
+        table.add_row(r["accelerator"], c["checker"], str(c["partitions"]),
+                      f"{c['supported']}/{c['nodes']} ({c['percent']:.1f}%)", macs,
+                      "[green]yes[/]" if c["whole"] else "[yellow]no[/]", f"{len(r['pipeline'])} ({r['sites']})")
+    out_console.print(table)
+    for r in rows:
+        if "error" in r:
+            err_console.print(f"[red]{r['accelerator']}:[/] {escape(r['error'])}", highlight=False, soft_wrap=True)
+            continue
+        c = r["coverage"]
+        for op, count in c["unsupported"].items():
+            fix = ", ".join(c["fixes"].get(op, [])) or "no pass yet"
+            out_console.print(f"{r['accelerator']}: unsupported {op} x{count} -> fix: {fix}", highlight=False)
+        for problem in c["problems"]:
+            fix = ", ".join(c["fixes"].get(problem, [])) or "no pass yet"
+            out_console.print(f"{r['accelerator']}: {problem} -> fix: {fix}", highlight=False)
+
+
 def _passes_cell(manifest: dict) -> str:
     record = manifest.get("passes") or {}
     applied = [r for r in record.get("applied", []) if r["sites"]]

@@ -13,6 +13,9 @@ def convert(program: torch.export.ExportedProgram, example_inputs: tuple, out: P
     import openvino as ov
 
     model = ov.convert_model(program)
+    # Pin the captured static shapes: the IR otherwise declares dynamic inputs, which NPU refuses and
+    # which cost the CPU/GPU plugins shape inference at run time.
+    model.reshape({port.any_name: ov.PartialShape(list(t.shape)) for port, t in zip(model.inputs, example_inputs)})
     # save_model compresses weights to fp16 unless told otherwise; fp32 artifacts must not be.
     ov.save_model(model, str(out), compress_to_fp16=precision == "fp16")
     return out

@@ -42,3 +42,23 @@ def test_readme_known_failures_match_the_table() -> None:
     rows = {tuple(c.strip() for c in line.split("|")[1:3]) for line in section.splitlines()
             if line.startswith("| ") and not line.startswith(("| model", "|---"))}
     assert rows == set(KNOWN_FAILURES)
+
+
+def passes_table_rows() -> list[str]:
+    """The README's passes table, as the registry and the targets table define it."""
+    from edgevit.export.passes import PASSES, wants
+
+    pairs = [(t.name, a.name) for t in TARGETS.values() for a in t.accelerators]
+    rows = []
+    for name in sorted(PASSES, key=lambda n: (PASSES[n].order, n)):
+        cls = PASSES[name]
+        where = [f"{t}:{a}" for t, a in pairs if wants(cls, t, a)]
+        where_text = "all" if len(where) == len(pairs) else ", ".join(where)
+        summary = cls.summary().replace("|", "\\|")
+        rows.append(f"| `{name}` | {'exact' if cls.exact else 'approximate'} | {where_text} | {summary} |")
+    return rows
+
+
+def test_readme_passes_table_matches_the_registry() -> None:
+    rows = [line for line in _readme_block("passes-table").splitlines() if line.startswith("| ")][1:]
+    assert rows == passes_table_rows()
