@@ -160,7 +160,8 @@ def run_pipeline(
             gm.graph.lint()
             gm.recompile()
             annotate(gm, example_inputs)
-        reports.append(PassReport(p.name, sites, p.exact, change(gm) if sites else None))
+        reports.append(PassReport(p.name, sites, p.exact, change(gm) if sites else None,
+                                  notes=list(getattr(p, "notes", []))))
     rewritten = capture(gm, example_inputs) if any(r.sites for r in reports) else program
     total = change(gm, None) if any(r.sites for r in reports) else 0.0
     return PipelineResult(rewritten, gm, reports, total)
