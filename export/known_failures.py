@@ -8,10 +8,8 @@ passes (issue 4) exist to empty this table.
 from __future__ import annotations
 
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("filtervit_xxs", "coreml"): (
-        "coremltools conversion does not finish (>28 min): the MIL optimisation passes crawl over the "
-        "non-integer adaptive average pools 110->20->110 (about 10 s per pass for the 20x20 block)"
-    ),
+    # Empty since issue 4: filtervit_xxs -> coreml (coremltools did not finish in 28 min on the
+    # non-integer adaptive pools 110->20->110) converts with the adaptive_pool_static pass.
 }
 
 

@@ -53,6 +53,18 @@ def test_zoo_cell(tmp_path, model: str, target: str) -> None:
         pytest.fail(f"{model} -> {target} now gives '{status}': remove it from KNOWN_FAILURES")
     result = edgevit.export_model(model, target=target, out=tmp_path, input_size=info.test_input_size)
     assert result.parity.status == expected, result.parity.to_dict()
+    assert result.manifest["passes"]["parity_cost"]["graph_max_abs_change"] <= 1e-4 * _peak(result)
+    if target == "tflite":  # the rank passes are in every pipeline: no tensor above rank 4 (GPU/NNAPI limit)
+        from edgevit.devices.coverage import tflite_coverage
+
+        ranks = [p for p in tflite_coverage(result.artifact, "gpu").problems if p.startswith("rank>")]
+        assert not ranks, ranks
+
+
+def _peak(result) -> float:
+    """The largest output magnitude PyTorch produced (what the fp32 parity bound is relative to)."""
+    outputs = result.parity.outputs or []
+    return max((o.peak for o in outputs), default=1.0)
 
 
 def _status_in_child(model: str, target: str, out, input_size: int | None) -> str:
