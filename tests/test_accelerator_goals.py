@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edgevit.api import export_model
-from edgevit.devices.coverage import coverage
+from edgevit.devices.coverage import coverage, render
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def test_auto_passes_land_whole_on_the_accelerator(tmp_path: Path, model: str, t
     result = export_model(model, target=target, accelerator=accelerator, out=tmp_path, latency_runs=0)
     assert result.parity.status == "passed", result.parity.detail
     cov = coverage(result.artifact, target, accelerator)
-    assert cov.whole, cov.to_dict()
+    assert cov.whole, render(cov)
     assert cov.partitions == 1 and cov.supported == cov.nodes
 
 

@@ -90,13 +90,15 @@ class DecomposeGroupNorm(GraphPass):
 
     Why: the ONNX exporter writes group_norm as Reshape → InstanceNormalization → Reshape (also
     ``group_norm(x, 1, ...)``, the "LayerNorm over C,H,W" of MobileViT v2 / PoolFormer), and
-    InstanceNormalization is not in ORT's NNAPI op list. The replacement uses ReduceMean, Sub, Mul,
-    Add, Sqrt, Div, Reshape only. Inputs of rank 2-4 (rank 5 is beyond NNAPI anyway). Exact up to
-    fp32 rounding.
+    InstanceNormalization is not in ORT's NNAPI op list. litert-torch lowers group_norm with one
+    BROADCAST_TO per site, which the LiteRT GPU delegate rejects (LiteRT#9191; 21 sites in
+    mobilevit_v2_050). The replacement uses ReduceMean, Sub, Mul, Add, Sqrt, Div, Reshape only, with
+    rank-matched broadcasting. Inputs of rank 2-4 (rank 5 is beyond NNAPI anyway). Exact up to fp32
+    rounding.
     """
 
     name = "decompose_group_norm"
-    wanted_by = ("*:nnapi",)
+    wanted_by = ("*:nnapi", "tflite:gpu")
     exact = True
     fixes = ("InstanceNormalization", "GroupNormalization", "group_norm")
     order = 56
