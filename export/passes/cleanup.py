@@ -42,6 +42,8 @@ class StripAliases(GraphPass):
             ctx.graph.erase_node(node)
             return
         ctx.replace(node, node.args[0])
+        # FX counts dropout as impure, so dead-code elimination would keep the orphan: erase it here.
+        ctx.graph.erase_node(node)
 
 
 @register_pass
