@@ -69,19 +69,22 @@ class DecomposeLayerNorm(GraphPass):
         if not is_op(node, aten.layer_norm) or _float_tensor(ctx, node.args[0]) is None:
             return False
         shape, rank = node.args[1], ctx.rank(node.args[0])
-        weight = node.args[2] if len(node.args) > 2 else None
-        bias = node.args[3] if len(node.args) > 3 else None
+        weight, bias, _ = _norm_args(node)
         return (isinstance(shape, (list, tuple)) and 0 < len(shape) <= rank
                 and _is_param(weight) and _is_param(bias))
 
     def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
         x, shape = node.args[0], node.args[1]
-        weight = node.args[2] if len(node.args) > 2 else None
-        bias = node.args[3] if len(node.args) > 3 else None
-        eps = node.args[4] if len(node.args) > 4 else 1e-5
+        weight, bias, eps = _norm_args(node)
         rank = ctx.rank(x)
         dims = list(range(rank - len(shape), rank))
         ctx.replace(node, _affine(ctx, _normalise(ctx, x, dims, eps), weight, bias))
+
+
+def _norm_args(node: fx.Node) -> tuple[Any, Any, float]:
+    """(weight, bias, eps) of a layer_norm / group_norm call: positions 2, 3, 4 in both."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    return args[2], args[3], 1e-5 if args[4] is None else args[4]
 
 
 @register_pass
@@ -107,17 +110,14 @@ class DecomposeGroupNorm(GraphPass):
         if not is_op(node, aten.group_norm) or _float_tensor(ctx, node.args[0]) is None:
             return False
         shape, groups = ctx.shape(node.args[0]), node.args[1]
-        weight = node.args[2] if len(node.args) > 2 else None
-        bias = node.args[3] if len(node.args) > 3 else None
+        weight, bias, _ = _norm_args(node)
         return (2 <= len(shape) <= 4 and isinstance(groups, int) and groups > 0
                 and shape[1] % groups == 0 and math.prod(shape) > 0
                 and _is_param(weight) and _is_param(bias))
 
     def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
         x, groups = node.args[0], node.args[1]
-        weight = node.args[2] if len(node.args) > 2 else None
-        bias = node.args[3] if len(node.args) > 3 else None
-        eps = node.args[4] if len(node.args) > 4 else 1e-5
+        weight, bias, eps = _norm_args(node)
         shape = ctx.shape(x)
         grouped = ctx.call(aten.reshape.default, x, [shape[0], groups, math.prod(shape[1:]) // groups])
         y = ctx.call(aten.reshape.default, _normalise(ctx, grouped, [2], eps), list(shape))
