@@ -58,12 +58,14 @@ def cell(row: dict | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=None, help="comma-separated zoo names")
+    parser.add_argument("--targets", default="onnx,tflite", help="comma-separated: onnx, tflite")
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = parser.parse_args()
     models = args.models.split(",") if args.models else default_models()
     results: dict = {}
     for model in models:
-        for target, accs in ACCELERATORS.items():
+        for target in args.targets.split(","):
+            accs = ACCELERATORS[target]
             before = inspect(model, target, "none", None)
             for acc in accs:
                 after = inspect(model, target, "auto", acc)

@@ -115,3 +115,37 @@ def test_cli_pass_argument_errors_are_one_line(args: tuple[str, ...], message: s
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_module_passes_run_before_capture_and_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ModulePass (a module swap, for rewrites a graph pass cannot express) goes through the same
+    registry, runs on a copy of the model before capture, and is reported like a graph pass."""
+    from edgevit.export.passes import ModulePass
+
+    class SwapReLU(ModulePass):
+        """ReLU modules -> ReLU6 (a stand-in swap; the test inputs stay below 6).
+
+        Why: exercises the module-pass path of the framework.
+        """
+
+        name = "test_swap_relu"
+        wanted_by = ("onnx:cpu",)
+
+        def apply(self, model: nn.Module) -> int:
+            swapped = 0
+            for parent in model.modules():
+                for child_name, child in parent.named_children():
+                    if isinstance(child, nn.ReLU):
+                        setattr(parent, child_name, nn.ReLU6())
+                        swapped += 1
+            return swapped
+
+    monkeypatch.setitem(PASSES, SwapReLU.name, SwapReLU)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    x = torch.rand(3, 4)
+    result = run_pipeline(model, (x,), ["test_swap_relu", "select_to_slice"])
+    assert [(r.name, r.sites) for r in result.reports] == [("test_swap_relu", 2), ("select_to_slice", 0)]
+    assert isinstance(model[1], nn.ReLU)  # the caller's model is untouched
+    ops = {str(n.target) for n in result.program.graph.nodes if n.op == "call_function"}
+    assert any("hardtanh" in o for o in ops), ops
+    assert result.max_abs_change == 0.0
