@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -107,8 +108,8 @@ def export_model(
         staged = staging / f"{subject.name}{tgt.suffix}"
         _convert(tgt, program, subject.example_inputs, staged, precision)
         if verify:
-            parity = _verify(tgt, staged, subject, names, precision, latency_runs, _reference(pipeline, subject))
-            _gate_exact_passes(parity, pipeline, subject, names)
+            parity = _verify(tgt, staged, subject, names, precision, latency_runs, _reference_outputs(pipeline))
+            _gate_exact_passes(parity, pipeline, names)
         else:
             parity = ParityReport("skipped", precision, detail="--no-verify: parity not checked")
         without = _without_passes(tgt, subject, names, precision, staging) if compare_without_passes else None
@@ -246,25 +247,23 @@ def _approximations(pipeline: PipelineResult) -> list[str]:
     return [r.name for r in pipeline.reports if r.sites and not r.exact]
 
 
-def _reference(pipeline: PipelineResult, subject: _Subject) -> nn.Module:
-    """What the artifact's parity is measured against.
+def _reference_outputs(pipeline: PipelineResult) -> list[list[np.ndarray]]:
+    """What the artifact's parity is measured against, on the parity inputs (already run once).
 
-    The model itself, unless an approximate pass (e.g. ``gelu_tanh`` for NNAPI) rewrote it: then the
-    rewritten graph, so the converter is still held to the fp32/fp16 bound, while the approximation's
+    The model's outputs, unless an approximate pass (e.g. ``gelu_tanh`` for NNAPI) rewrote it: then the
+    rewritten graph's, so the converter is still held to the fp32/fp16 bound, while the approximation's
     own cost against the model is reported separately in the manifest (``passes.parity_cost``).
     """
-    return pipeline.model if _approximations(pipeline) else subject.model
+    chosen = pipeline.outputs if _approximations(pipeline) else pipeline.references
+    return [[t.numpy() for t in sample] for sample in chosen]
 
 
-def _gate_exact_passes(parity: ParityReport, pipeline: PipelineResult, subject: _Subject, names: list[str]) -> None:
+def _gate_exact_passes(parity: ParityReport, pipeline: PipelineResult, names: list[str]) -> None:
     """Exact passes may only move the outputs by fp32 rounding: check it like any artifact."""
     if _approximations(pipeline) or not any(r.sites for r in pipeline.reports) or parity.status == "failed":
         return
-    samples = _parity_inputs(subject)
-    with torch.no_grad():
-        refs = [[t.numpy() for t in flatten_outputs(subject.model(*s))] for s in samples]
-        outs = [[t.numpy() for t in flatten_outputs(pipeline.model(*s))] for s in samples]
-    graph = compare(refs, outs, names, "fp32")
+    as_numpy = [[[t.numpy() for t in sample] for sample in runs] for runs in (pipeline.references, pipeline.outputs)]
+    graph = compare(*as_numpy, names, "fp32")
     if graph.status == "failed":
         parity.status = "failed"
         parity.detail = (f"the exact passes changed the model's outputs by {graph.worst('max_abs_err'):.3g}, "
@@ -278,7 +277,7 @@ def _verify(
     names: list[str],
     precision: str,
     latency_runs: int,
-    reference: nn.Module | None = None,
+    refs: list[list[np.ndarray]] | None = None,
 ) -> ParityReport:
     structural = None
     if tgt.name == "coreml":
@@ -293,8 +292,9 @@ def _verify(
                             detail="structural check passed; Core ML prediction needs macOS")
     runner = load_runner(tgt.name, artifact)
     samples = _parity_inputs(subject)
-    with torch.no_grad():
-        refs = [[t.numpy() for t in flatten_outputs((reference or subject.model)(*s))] for s in samples]
+    if refs is None:  # export_model passes the outputs the pipeline computed on these seeded samples
+        with torch.no_grad():
+            refs = [[t.numpy() for t in flatten_outputs(subject.model(*s))] for s in samples]
     outs = [runner.run([t.numpy() for t in s]) for s in samples]
     report = compare(refs, outs, names, precision)
     report.runtime = runner.info | ({"structural_check": structural} if structural else {})

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -418,7 +418,7 @@ def _inspect_rows(model: str, target: str, pipelines: dict[str, tuple[str, ...]]
     rows = []
     for acc, names in pipelines.items():
         if names not in exported:
-            flags = _ExportOptions(**{**asdict(opts), "accelerator": acc}).to_flags()
+            flags = replace(opts, accelerator=acc).to_flags()
             out = base / f"{target}-{acc}"
             exported[names] = _export_isolated(model, {target: out}, flags, quiet=quiet)[0]
         manifest = exported[names]

@@ -100,6 +100,8 @@ class PipelineResult:
     model: nn.Module
     reports: list[PassReport] = field(default_factory=list)
     max_abs_change: float = 0.0  # rewritten graph vs the original model, in PyTorch
+    references: list[list[torch.Tensor]] = field(default_factory=list)  # the model's outputs per check input
+    outputs: list[list[torch.Tensor]] = field(default_factory=list)  # the rewritten graph's, same inputs
 
     def to_dict(self) -> dict[str, Any]:
         return {"applied": [r.to_dict() for r in self.reports], "graph_max_abs_change": self.max_abs_change}
@@ -122,10 +124,12 @@ def run_pipeline(
     with torch.no_grad():
         refs = [[t.detach() for t in flatten_outputs(model(*x))] for x in check_inputs]
 
-    def change(fn: Any, samples: int | None = 1) -> float:
-        """Largest |output - reference| over the first ``samples`` check inputs (None: all)."""
+    def run(fn: Any, samples: int | None) -> list[list[torch.Tensor]]:
         with torch.no_grad():
-            outs = [flatten_outputs(fn(*x)) for x in check_inputs[:samples]]
+            return [flatten_outputs(fn(*x)) for x in check_inputs[:samples]]
+
+    def change(outs: list[list[torch.Tensor]]) -> float:
+        """Largest |output - reference| over the check inputs ``outs`` were computed on."""
         return max(
             ((o.double() - r.double()).abs().max().item() if o.numel() else 0.0)
             for ro, oo in zip(refs, outs) for r, o in zip(ro, oo)
@@ -140,10 +144,11 @@ def run_pipeline(
         work = copy.deepcopy(model).eval()
         for p in module_passes:
             reports.append(PassReport(p.name, p.apply(work), p.exact))
-            reports[-1].max_abs_change = change(work)
+            reports[-1].max_abs_change = change(run(work, 1))
     program = capture(work, example_inputs)
     if not graph_passes:
-        return PipelineResult(program, work, reports, reports[-1].max_abs_change if reports else 0.0)
+        outs = run(work, None) if module_passes else refs
+        return PipelineResult(program, work, reports, change(outs), refs, outs)
 
     gm = program.module()
     annotate(gm, example_inputs)
@@ -160,11 +165,13 @@ def run_pipeline(
             gm.graph.lint()
             gm.recompile()
             annotate(gm, example_inputs)
-        reports.append(PassReport(p.name, sites, p.exact, change(gm) if sites else None,
+        # Per-pass cost on the first check input; the total below uses all of them.
+        reports.append(PassReport(p.name, sites, p.exact, change(run(gm, 1)) if sites else None,
                                   notes=list(getattr(p, "notes", []))))
-    rewritten = capture(gm, example_inputs) if any(r.sites for r in reports) else program
-    total = change(gm, None) if any(r.sites for r in reports) else 0.0
-    return PipelineResult(rewritten, gm, reports, total)
+    if not any(r.sites for r in reports):
+        return PipelineResult(program, gm, reports, 0.0, refs, refs)
+    outs = run(gm, None)
+    return PipelineResult(capture(gm, example_inputs), gm, reports, change(outs), refs, outs)
 
 
 _discover()
