@@ -947,6 +947,7 @@ def coreml_coverage(path: str | pathlib.Path) -> Coverage:
         extra.append("fp32 program: typed float32, so the Neural Engine is barred; export at fp16")
         reasons = [r + [("_fp32", "")] for r in reasons]
     notes = ["compute plan: needs macOS (MLComputePlan, macOS >= 14.4); these are the documented ANE rules"]
+    notes += _ane_layout_hints(ops, consts)
     verdicts = _Verdicts(
         ops=[op.type for op in ops],
         producers=_producers([[n for names in op.inputs.values() for n in names] for op in ops],
@@ -955,6 +956,24 @@ def coreml_coverage(path: str | pathlib.Path) -> Coverage:
         macs=[_mil_macs(op, consts, shapes) for op in ops],
     )
     return verdicts.coverage("coreml:ane", "edgevit ANE rules over the MIL program", extra_problems=extra, notes=notes)
+
+
+def _ane_layout_hints(ops: list[_MilOp], consts: dict[str, Any]) -> list[str]:
+    """Runs-but-slowly patterns (not unsupported ops): batched multi-head attention, whose softmax
+    is over the last axis of a (B, H, Sq, Sk) map, where Apple's ANE form is one head at a time with
+    the softmax over dim 1 of (B, Sk, 1, Sq) (backends.md 3.1 A3-A5)."""
+    batched = 0
+    for op in ops:
+        dims = op.outputs[0][2] if op.outputs else None
+        axis = _mil_const(consts, op, "axis")
+        if op.type == "softmax" and dims is not None and len(dims) == 4 and (dims[1] or 0) > 1 \
+                and axis and axis[0] in (-1, 3):
+            batched += 1
+    if not batched:
+        return []
+    fix = ", ".join(fixes_for("batched attention")) or "none registered"
+    return [f"batched attention: {batched} softmax over the last axis of (B, H, Sq, Sk) maps; "
+            f"per-head form on the ANE (fix: {fix})"]
 
 
 def _const_shapes(block: Any, shapes: dict[str, Any]) -> None:

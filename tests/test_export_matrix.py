@@ -92,3 +92,17 @@ def test_fp16_exports_pass_fp16_tolerance(tmp_path, target: str) -> None:
     assert result.parity.outputs[0].max_abs_err > fp32_bound / 100
     if target == "openvino":
         assert result.parity.runtime["inference_precision_reported"].endswith("f32")
+
+
+@pytest.mark.parametrize("model,sites", [("deit_tiny", 12), ("mobilevit_v2_050", 0)])
+def test_coreml_attention_runs_per_head(matrix, model: str, sites: int) -> None:
+    """ane_split_heads: deit_tiny's 12 batched attentions become per-head einsums (3 heads each),
+    so ``inspect``'s ANE layout hint has nothing left to flag; MobileViT v2's separable attention
+    has no (B, H, S, S) softmax to split."""
+    from edgevit.devices.coverage import coreml_coverage
+
+    result = matrix[model, "coreml"]
+    assert not isinstance(result, Exception), f"{model} -> coreml: {result}"
+    applied = {r["name"]: r for r in result.manifest["passes"]["applied"]}
+    assert applied["ane_split_heads"]["sites"] == sites
+    assert not [n for n in coreml_coverage(result.artifact).notes if n.startswith("batched attention")]

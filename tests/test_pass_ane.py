@@ -374,8 +374,8 @@ def test_default_coreml_pipeline_reads_qkv_straight_from_the_conv() -> None:
     convs = [n for n in r.program.graph.nodes if str(n.target) == "aten.conv2d.default"]
     qkv = [n for n in convs if n.meta["val"].shape[1] == 96]
     assert len(qkv) == 2  # one per block
-    for conv in qkv:
-        assert sorted(str(u.target) for u in conv.users) == ["aten.slice.Tensor"] * 3
+    for conv in qkv:  # ane_split_heads reads each head's q, k and v: 3 x 2 heads
+        assert sorted(str(u.target) for u in conv.users) == ["aten.slice.Tensor"] * 6
     with torch.no_grad():
         assert max_rel(r.model(x), model(x)) <= 1e-5
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from edgevit.export.passes import run_pipeline
 from edgevit.export.passes.base import aten, is_op
@@ -286,4 +287,61 @@ def test_fold_batchnorm_reason_coreml(tmp_path: Path) -> None:
     before = coverage(model, x, [], tmp_path / "without.onnx", "coreml")
     assert before.unsupported == {"BatchNormalization": 3} and before.partitions > 1
     after = coverage(model, x, ["fold_batchnorm"], tmp_path / "with.onnx", "coreml")
+    assert after.unsupported == {} and after.whole
+
+
+# --- decompose_vector_norm ------------------------------------------------------------------------
+
+class VectorNorms(nn.Module):
+    """The three spellings that reach ``aten.linalg_vector_norm``: F.normalize, vector_norm, Tensor.norm."""
+
+    def __init__(self, dims, keepdim: bool = False):
+        super().__init__()
+        self.dims, self.keepdim = dims, keepdim
+
+    def forward(self, x):
+        unit = F.normalize(x, p=2.0, dim=-1)
+        return unit, torch.linalg.vector_norm(x, dim=self.dims, keepdim=self.keepdim), x.norm()
+
+
+@pytest.mark.parametrize("shape, dims", [
+    ((2, 8, 16), -1), ((2, 5, 3), (0, 2)), ((3, 7), None), ((1, 49, 96), 1),
+])
+@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_decompose_vector_norm_equivalence(shape, dims, keepdim, scale) -> None:
+    torch.manual_seed(0)
+    model, x = VectorNorms(dims, keepdim), torch.randn(shape) * scale
+    r = run_pipeline(model, (x,), ["decompose_vector_norm"])
+    assert r.reports[0].sites == 3 and count(r.program, aten.linalg_vector_norm) == 0
+    for ref, out in zip(*outputs(model, r.model, x)):
+        assert out.shape == ref.shape
+        # Both sides sum n squares (ulp-level errors, different order); sqrt halves the relative error
+        # of the sum, mean*N and sqrt add one rounding each: within 4 eps of each norm.
+        assert ((out - ref).abs() <= 4 * F32_EPS * ref.abs()).all()
+
+
+def test_decompose_vector_norm_leaves_other_orders_and_dtypes_alone() -> None:
+    class Others(nn.Module):
+        def forward(self, x):
+            return (torch.linalg.vector_norm(x, ord=1, dim=-1), torch.linalg.vector_norm(x, ord=float("inf")),
+                    torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64))
+
+    r = run_pipeline(Others(), (torch.randn(2, 6),), ["decompose_vector_norm"])
+    assert r.reports[0].sites == 0 and count(r.program, aten.linalg_vector_norm) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accelerator", ["nnapi", "coreml"])
+def test_decompose_vector_norm_reason_ort_eps(tmp_path: Path, accelerator: str) -> None:
+    class Cosine(nn.Module):  # cosine-similarity logits, GLNet's slot assignment in miniature
+        def forward(self, x):
+            x = F.normalize(x, dim=-1)
+            return x @ x.transpose(1, 2)
+
+    model, x = Cosine(), torch.randn(1, 16, 32)
+    before = coverage(model, x, ["expand_to_broadcast"], tmp_path / "without.onnx", accelerator)
+    assert before.unsupported == {"ReduceL2": 1} and not before.whole
+    names = ["expand_to_broadcast", "decompose_vector_norm"]
+    after = coverage(model, x, names, tmp_path / "with.onnx", accelerator)
     assert after.unsupported == {} and after.whole

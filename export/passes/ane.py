@@ -4,7 +4,8 @@ Apple's ml-ane-transformers principles (backends.md §3.1): the ANE's native lay
 4-D, so a sequence of S tokens with C channels is kept as (B, C, 1, S) (A1), every ``nn.Linear``
 becomes a 1x1 ``Conv2d`` (A2) and LayerNorm normalises over dim 1 of that tensor (A6/R7). Apple does
 this by rewriting the model by hand (reference model and ANE model side by side, checked by a
-numerical equivalence test); here it is three graph passes that apply to any captured model:
+numerical equivalence test); here it is graph passes that apply to any captured model (three in this file, a fourth in
+``ane_attention.py``):
 
 * ``ane_linear_to_conv`` wraps every ``linear`` on (B, S, C) / (B, C) in layout changes around a
   ``conv2d`` with the weight as a constant (O, C, 1, 1) kernel;
@@ -14,12 +15,11 @@ numerical equivalence test); here it is three graph passes that apply to any cap
   into (B, C, 1, S) and cancels every chain of layout ops that composes to nothing (or shortens it),
   so an MLP fc1 -> gelu -> fc2 and the residual stream stay in (B, C, 1, S) throughout.
 
-Per-head attention splitting (A3/A4/A5: one einsum pair per head, softmax on dim 1) is NOT done
-here: the attention core between the q/k/v convs and the output conv stays in the model's own
-(B, H, S, D) layout. The chain canonicaliser does read q/k/v straight out of the (B, 3C, 1, S) conv
-output (``split`` on dim 1, then ``reshape`` to (B, H, D, S); k is then already the (B, H, D, S)
-operand of q @ k^T, so it needs no transpose) and writes the attention output back with one
-transpose + reshape.
+Per-head attention splitting (A3/A4/A5: one einsum pair per head, softmax on dim 1) is the fourth
+ANE pass, ``ane_split_heads`` (``ane_attention.py``); it runs between ``ane_linear_to_conv`` and
+``ane_cancel_transposes``, and the chain canonicaliser then reads each head's q/k/v chunk straight
+out of the (B, 3C, 1, S) conv output (a channel ``slice``; k one ``transpose(1, 3)``) and the
+concatenated heads go straight into the output conv.
 
 Prediction of a Core ML model cannot run on Linux: the tests only show the converted MIL program
 has ``conv`` on rank-4 (B, C, 1, S) tensors instead of ``linear`` on rank-3 ones. The latency

@@ -252,3 +252,58 @@ class FoldBatchNorm(GraphPass):
         b_node = ctx.add_constant(b.to(weight.dtype), "bn_folded_bias")
         args[2:3] = [b_node]
         return ctx.call(prod.target, *args, **prod.kwargs)
+
+
+@register_pass
+class DecomposeVectorNorm(GraphPass):
+    """``aten.linalg_vector_norm`` (ord 2, static dims) → ``sqrt(mean(x * x) * N)``.
+
+    Why: ``F.normalize`` and cosine-similarity attention (GLNet's slot clustering) export as ONNX
+    ReduceL2, which is in neither ORT's NNAPI nor its Core ML (MLProgram) op list: every site cuts
+    the graph into a new CPU island (glnet_4g: 34 sites, 18 partitions on both). Mul, ReduceMean, Mul
+    and Sqrt are in both lists; ReduceMean × N rather than ReduceSum because NNAPI lacks ReduceSum
+    (see ``sum_to_mean``). Only the 2-norm of a floating-point tensor without a ``dtype`` override.
+    Exact up to fp32 rounding (one extra rounding for the mean; none when N is a power of two). Like
+    torch's CPU kernel it does not rescale, so the underflow/overflow range is the same (|x| within
+    about 1e-19..1e19 in fp32).
+    """
+
+    name = "decompose_vector_norm"
+    wanted_by = ("*:nnapi", "onnx:coreml")
+    exact = True
+    fixes = ("ReduceL2", "linalg_vector_norm")
+    order = 57
+
+    def matches(self, ctx: PassContext, node: fx.Node) -> bool:
+        if node.target is not aten.linalg_vector_norm.default or node.kwargs.get("dtype") is not None:
+            return False
+        x, out = _float_tensor(ctx, node.args[0]), _float_tensor(ctx, node)
+        if x is None or out is None or x.dtype != out.dtype or x.numel() == 0 or x.dim() == 0:
+            return False
+        return self._ord(node) == 2 and self._dims(node, x.dim()) is not None
+
+    @staticmethod
+    def _ord(node: fx.Node) -> Any:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
+
+    @staticmethod
+    def _dims(node: fx.Node, rank: int) -> list[int] | None:
+        """The reduced dims, normalised; all dims for ``dim=None``."""
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if dims is None:
+            return list(range(rank))
+        if isinstance(dims, int):
+            dims = [dims]
+        if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+            return None
+        return sorted({d % rank for d in dims}) or list(range(rank))
+
+    def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
+        x = node.args[0]
+        shape = ctx.shape(x)
+        dims = self._dims(node, len(shape))
+        keepdim = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False))
+        count = math.prod(shape[d] for d in dims)
+        squares = ctx.call(aten.mul.Tensor, x, x)
+        mean = ctx.call(aten.mean.dim, squares, dims, keepdim)
+        ctx.replace(node, ctx.call(aten.sqrt.default, ctx.call(aten.mul.Tensor, mean, float(count))))
