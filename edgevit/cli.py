@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +22,7 @@ from rich.table import Table
 
 import edgevit
 from edgevit.errors import EdgevitError
+from edgevit.export.isolated import TARGET_TIMEOUT_S, export_in_child
 from edgevit.export.manifest import prepare_out_dir
 from edgevit.export.targets import resolve_precision
 
@@ -37,7 +37,6 @@ app = typer.Typer(
 out_console = Console(width=None if sys.stdout.isatty() else 132)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
 
-TARGET_TIMEOUT_S = 1800
 STATUS_STYLE = {"passed": "green", "failed": "red", "skipped": "yellow", "converted-not-verified": "yellow"}
 STATUS_TEXT = {"converted-not-verified": "converted, not verified"}
 
@@ -290,31 +289,9 @@ def _export_isolated(model: str, outs: dict[str, Path], flags: list[str], quiet:
         task = progress.add_task(f"exporting {model}", total=len(outs))
         for target, out in outs.items():
             progress.update(task, description=f"exporting {model} -> {target}")
-            cmd = [sys.executable, "-m", "edgevit.cli", "export", model, "--target", target,
-                   "--out", str(out), "--in-process", *flags]
-            manifests.append(_run_child(cmd, model, target))
+            manifests.append(export_in_child(model, target, out, flags, TARGET_TIMEOUT_S))
             progress.advance(task)
     return manifests
-
-
-def _run_child(cmd: list[str], model: str, target: str) -> dict[str, Any]:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TARGET_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return _error_row(model, target, f"timed out after {TARGET_TIMEOUT_S} s")
-    try:
-        return json.loads(proc.stdout)[0]
-    except (json.JSONDecodeError, IndexError, KeyError):
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("error: ")]
-        reason = (errors or lines or [f"exited with code {proc.returncode}"])[-1]
-        if proc.returncode < 0:
-            reason = f"converter process killed by signal {-proc.returncode}"
-        return _error_row(model, target, reason.removeprefix("error: "))
-
-
-def _error_row(model: str, target: str, reason: str) -> dict[str, Any]:
-    return {"status": "error", "model": {"name": model}, "target": target, "error": reason}
 
 
 def _exit_code(manifests: list[dict]) -> int:
@@ -463,6 +440,107 @@ def _inspect_report(model: str, target: str, rows: list[dict[str, Any]], as_json
         for problem in c["problems"]:
             fix = ", ".join(c["fixes"].get(problem, [])) or "no pass yet"
             out_console.print(f"{r['accelerator']}: {problem} -> fix: {fix}", highlight=False)
+        for note in c.get("notes", []):
+            out_console.print(f"{r['accelerator']}: note: {note}", highlight=False)
+
+
+@app.command("devices")
+def devices_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """The devices table: every runtime edgevit can measure on, and whether it is available here (and why not)."""
+    from edgevit.devices.table import DEVICES
+
+    rows = [{"device": d.name, "description": d.description, "target": d.target, "accelerator": d.accelerator,
+             "precisions": list(d.precisions), "in_cpu_set": d.on_cpu, "available": d.available,
+             "reason": d.unavailable_reason()} for d in DEVICES.values()]
+    if as_json:
+        out_console.print_json(json.dumps(rows))
+        return
+    table = Table(title="devices ('edgevit bench --device cpu' measures the available ones marked cpu)")
+    for col in ("device", "runtime", "precisions", "cpu", "available here"):
+        table.add_column(col)
+    for r in rows:
+        here = "[green]yes[/]" if r["available"] else f"[yellow]no[/]: {escape(r['reason'])}"
+        table.add_row(r["device"], r["description"], ", ".join(r["precisions"]), "cpu" if r["in_cpu_set"] else "", here)
+    out_console.print(table)
+
+
+@app.command("bench")
+def bench_cmd(
+    device: str = typer.Option("cpu", "--device", "-d", help="'cpu' (every CPU runtime here) or device names, comma-separated."),
+    models: Optional[str] = typer.Option(None, "--models", "-m", help="Zoo models, comma-separated [default: deit_tiny,mobilevit_v2_050]."),
+    targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Keep these targets' runtimes (eager stays)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (each runtime's way of running it)."),
+    runs: int = typer.Option(40, "--runs", help="Timed inferences per configuration."),
+    rounds: int = typer.Option(8, "--rounds", help="Interleaved rounds the runs are split into."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed inferences after the first one."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Seconds of timed runs per configuration (stops early)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads per runtime [default: all cores]."),
+    passes: str = typer.Option("auto", "--passes", help="Export pass pipeline: auto, none, or names."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size [default: each model's]."),
+    profile: bool = typer.Option(False, "--profile", help="Also collect each runtime's per-op profile (top ops)."),
+    no_roofline: bool = typer.Option(False, "--no-roofline", help="Skip the GEMM throughput measurement."),
+    out: Path = typer.Option(Path("bench"), "--out", "-o", help="Report directory (exports cached in OUT/cache)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Export cache directory [default: OUT/cache]."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here ('-': stdout only)."),
+    timeout: float = typer.Option(300, "--timeout", help="Seconds a runtime may take to load or to run one block."),
+) -> None:
+    """Measure inference latency of zoo models on every runtime of a device, against PyTorch eager.
+
+    Exports are cached by content hash, so re-runs only measure. Writes OUT/bench.json, bench.csv,
+    latency_vs_macs.png and report.md, and prints the table.
+    """
+    from edgevit.devices.bench import DEFAULT_MODELS, BenchOptions, check_options, run_bench
+    from edgevit.devices.report import TABLE_HEADER, gemm_lines, table_rows, write_all
+
+    opts = BenchOptions(models=_split(models) or list(DEFAULT_MODELS), device=device, targets=_split(targets),
+                        precision=precision, runs=runs, rounds=rounds, warmup=warmup, threads=threads,
+                        passes=passes, input_size=input_size, out=out, cache=cache, profile=profile,
+                        roofline=not no_roofline, budget_s=budget, run_timeout_s=timeout)
+    to_stdout = json_path is not None and str(json_path) == "-"
+    try:
+        devices = check_options(opts)
+        prepare_out_dir(out)
+    except EdgevitError as exc:
+        _fail(str(exc), exc.exit_code)
+    result = _bench_with_progress(opts, devices, quiet=to_stdout, run=run_bench)
+    paths = write_all(result, out, None if to_stdout else json_path)
+    if to_stdout:
+        out_console.file.write(json.dumps(result, default=str) + "\n")
+    else:
+        for line in gemm_lines(result):
+            out_console.print(line, highlight=False)
+        table = Table(title=f"edgevit bench on {device} ({opts.precision}, batch 1)")
+        for col in TABLE_HEADER:
+            table.add_column(col, justify="right" if col not in ("model", "runtime", "status") else "left")
+        for row in table_rows(result):
+            table.add_row(*(escape(c) for c in row))
+        out_console.print(table)
+        written = ", ".join(str(p) for p in paths.values() if p is not None)
+        out_console.print(f"written: {written}", highlight=False)
+        if paths["png"] is None:
+            err_console.print("no plot: matplotlib is not installed (pip install -c constraints.txt -e \".[bench]\")")
+    failed = [r for r in result["rows"] if r.get("status") != "ok"]
+    raise typer.Exit(1 if failed else 0)
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _bench_with_progress(opts: Any, devices: list, quiet: bool, run: Any) -> dict[str, Any]:
+    """``run(opts, note)`` under a rich progress bar: exports, then per configuration load + rounds."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    gemm_steps = (1 + min(opts.rounds, 4)) * (1 + (opts.precision != "fp32")) if opts.roofline else 0
+    total = gemm_steps + len(opts.models) * len(devices) * (opts.rounds + 1)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=err_console, disable=quiet, transient=True) as progress:
+        task = progress.add_task("bench", total=total)
+
+        def note(message: str, done: float) -> None:
+            progress.update(task, description=message[:60], advance=done)
+
+        return run(opts, note)
 
 
 def _passes_cell(manifest: dict) -> str:

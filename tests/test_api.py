@@ -93,15 +93,14 @@ def test_targets_table_is_complete() -> None:
         assert target.suffix.startswith(".")
 
 
-def test_child_crash_and_hang_become_error_rows(monkeypatch) -> None:
-    from edgevit import cli
+def test_child_crash_and_hang_become_error_rows() -> None:
+    from edgevit.export.isolated import run_export_child
 
     crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
-    row = cli._run_child(crash, "m", "onnx")
+    row = run_export_child(crash, "m", "onnx")
     assert row["status"] == "error" and "signal 11" in row["error"]
-    monkeypatch.setattr(cli, "TARGET_TIMEOUT_S", 1)
-    row = cli._run_child([sys.executable, "-c", "import time; time.sleep(30)"], "m", "tflite")
-    assert row["status"] == "error" and "timed out" in row["error"]
+    row = run_export_child([sys.executable, "-c", "import time; time.sleep(30)"], "m", "tflite", timeout_s=1)
+    assert row["status"] == "error" and "timed out after 1 s" in row["error"]
 
 
 def test_wheel_maps_export_and_devices_into_the_package(tmp_path) -> None:
@@ -114,6 +113,8 @@ def test_wheel_maps_export_and_devices_into_the_package(tmp_path) -> None:
     wheel = next((tmp_path / "dist").glob("edgevit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "edgevit/export/targets.py" in names and "edgevit/devices/runtimes.py" in names
+    assert "edgevit/export/passes/base.py" in names and "edgevit/export/passes/ane_attention.py" in names
+    assert "edgevit/devices/worker.py" in names
     assert not any(n.startswith(("export/", "devices/")) for n in names)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True)

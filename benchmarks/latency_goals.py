@@ -1,0 +1,104 @@
+"""The latency goals of the harness (issue 5), measured with ``edgevit bench`` and checked.
+
+    python benchmarks/latency_goals.py [--out bench-goals] [--runs 60] [--rounds 10] [--json]
+
+1. DeiT-Tiny at 224 and MobileViT-v2-0.5 at 256, fp32, batch 1, every CPU runtime here: the fastest
+   runtime beats PyTorch eager by >= 2x (interleaved median ratio);
+2. DeiT-Tiny's fastest fp32 runtime is within 1.5x of the fp32 GEMM bound measured in the same run;
+3. repeatability: the same bench run twice back to back; each configuration's medians agree within
+   10 % (or the row says noisy). The second run reuses the cached exports, so it only measures;
+4. with ``--bf16``, a bf16 run (OpenVINO's bf16 hint, eager in bf16) against its own bf16 GEMM bound.
+
+Exit code 0 when every goal holds, 1 otherwise; a goal table (or JSON) on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+MODELS = "deit_tiny,mobilevit_v2_050"
+
+
+def bench(out: Path, runs: int, rounds: int, precision: str = "fp32", extra: tuple[str, ...] = ()) -> dict:
+    cmd = [sys.executable, "-m", "edgevit.cli", "bench", "--models", MODELS, "--precision", precision,
+           "--runs", str(runs), "--rounds", str(rounds), "--out", str(out), "--cache", str(out.parent / "cache"),
+           "--json", str(out / "result.json"), *extra]
+    proc = subprocess.run(cmd, text=True)
+    result_path = out / "result.json"
+    if not result_path.exists():
+        raise SystemExit(f"bench failed (exit {proc.returncode}); no {result_path}")
+    return json.loads(result_path.read_text())
+
+
+def fastest(result: dict, model: str) -> dict | None:
+    rows = [r for r in result["rows"] if r["model"] == model and r["device"] != "torch:eager" and r.get("summary")]
+    return min(rows, key=lambda r: r["summary"]["median_ms"], default=None)
+
+
+def goals(first: dict, second: dict) -> list[dict]:
+    checks = []
+    for model in MODELS.split(","):
+        best = fastest(first, model)
+        ratio = best and best.get("speedup_vs_eager")
+        checks.append({"goal": f"{model}: fastest runtime >= 2x eager", "ok": bool(ratio and ratio["median"] >= 2.0),
+                       "figure": f"{best['device']} {ratio['median']:.2f}x [{ratio['low']:.2f}-{ratio['high']:.2f}]"
+                       if ratio else "no measurement"})
+    best = fastest(first, "deit_tiny")
+    roof = best and best.get("roofline")
+    checks.append({"goal": "deit_tiny: fastest fp32 runtime within 1.5x of the GEMM bound",
+                   "ok": bool(roof and roof["median_over_bound"] <= 1.5),
+                   "figure": f"{best['device']} {best['summary']['median_ms']:.2f} ms vs bound {roof['bound_ms']:.2f} ms "
+                   f"({roof['median_over_bound']:.2f}x; GEMM {roof['gemm_gflops']:.0f} GFLOP/s)" if roof else "no roofline"})
+    pairs = {(r["model"], r["device"]): r for r in second["rows"] if r.get("summary")}
+    worst, flagged = 1.0, []
+    for r in first["rows"]:
+        other = pairs.get((r["model"], r["device"]))
+        if r.get("summary") and other:
+            a, b = r["summary"]["median_ms"], other["summary"]["median_ms"]
+            ratio = max(a, b) / min(a, b)
+            worst = max(worst, ratio)
+            if ratio > 1.10:
+                flagged.append(f"{r['model']} {r['device']} {ratio:.2f}")
+    noisy_rows = [f"{r['model']} {r['device']}" for res in (first, second) for r in res["rows"]
+                  if (r.get("repeatability") or {}).get("noisy")]
+    checks.append({"goal": "two back-to-back runs agree within 10% on every median (or flagged noisy)",
+                   "ok": not flagged or set(flagged) <= set(noisy_rows),
+                   "figure": f"worst run-to-run median ratio {worst:.3f}" + (f"; over 10%: {flagged}" if flagged else "")
+                   + (f"; flagged noisy in the reports: {noisy_rows}" if noisy_rows else "")})
+    return checks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-goals"))
+    parser.add_argument("--runs", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--bf16", action="store_true", help="Also run the bf16 bench against its own GEMM bound.")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    first = bench(args.out / "run1", args.runs, args.rounds)
+    second = bench(args.out / "run2", args.runs, args.rounds)
+    checks = goals(first, second)
+    if args.bf16:
+        bf16 = bench(args.out / "bf16", args.runs, args.rounds, "bf16")
+        for row in bf16["rows"]:
+            if row.get("summary"):
+                roof = row.get("roofline") or {}
+                checks.append({"goal": f"bf16 (reported): {row['model']} {row['device']}", "ok": True,
+                               "figure": f"{row['summary']['median_ms']:.2f} ms, runtime precision "
+                               f"{row['runtime_info'].get('precision')}, {roof.get('median_over_bound', float('nan')):.2f}x "
+                               f"its bf16 GEMM bound"})
+    if args.json:
+        print(json.dumps(checks, indent=2))
+    else:
+        for c in checks:
+            print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['goal']}: {c['figure']}")
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""``edgevit bench``: export (cached), measure interleaved against PyTorch eager, and place on a roofline.
+
+For each model, every chosen device's artifact is exported in a child process (or taken from the
+cache: the key hashes model, input size, target, accelerator, export precision, pass pipeline, seed
+and tool versions), then all configurations of that model — the eager baseline first — are measured
+together by :func:`edgevit.devices.harness.measure` (one process each, timed blocks interleaved).
+The same run measures the device's sustained matrix-multiply throughput (a square GEMM on all
+threads, per precision benchmarked) as the roofline: a model's bound is ``2 * MACs / GEMM FLOP/s``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgevit.devices import stats
+from edgevit.devices.harness import Config, Measurement, Protocol, measure
+from edgevit.devices.table import BASELINE, Device, resolve_devices
+from edgevit.errors import EdgevitError
+
+DEFAULT_MODELS = ("deit_tiny", "mobilevit_v2_050")
+BENCH_PRECISIONS = ("fp32", "fp16", "bf16")
+GEMM_N = 2048
+SCHEMA = 1
+
+
+@dataclass
+class BenchOptions:
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    device: str = "cpu"
+    targets: list[str] | None = None
+    precision: str = "fp32"
+    runs: int = 40
+    rounds: int = 8
+    warmup: int = 5
+    threads: int | None = None  # default: every core of the device
+    passes: str = "auto"
+    input_size: int | None = None
+    out: Path = Path("bench")
+    cache: Path | None = None  # default: OUT/cache
+    profile: bool = False
+    roofline: bool = True
+    budget_s: float | None = None  # stop a configuration's timed runs once this much time is spent
+    export_timeout_s: float = 1800
+    run_timeout_s: float = 300
+
+    def protocol(self) -> Protocol:
+        return Protocol(runs=self.runs, rounds=self.rounds, warmup=self.warmup, budget_s=self.budget_s,
+                        load_timeout_s=self.run_timeout_s, run_timeout_s=self.run_timeout_s)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache or self.out / "cache"
+
+
+Progress = Callable[[str, float], None]  # (message, units of work done)
+
+
+def check_options(opts: BenchOptions) -> list[Device]:
+    """Every argument error as a one-line EdgevitError before anything runs; the devices to measure."""
+    from edgevit.export.passes import resolve_passes
+    from edgevit.registry import check_input_size, model_info
+
+    if opts.precision not in BENCH_PRECISIONS:
+        raise EdgevitError(f"unknown precision '{opts.precision}'; choose one of: {', '.join(BENCH_PRECISIONS)}")
+    if opts.runs < 1 or opts.rounds < 1 or opts.warmup < 0:
+        raise EdgevitError("--runs and --rounds must be >= 1 and --warmup >= 0")
+    if opts.budget_s is not None and opts.budget_s <= 0:
+        raise EdgevitError("--budget must be > 0 seconds")
+    if opts.threads is not None and opts.threads < 1:
+        raise EdgevitError("--threads must be >= 1")
+    if not opts.models:
+        raise EdgevitError("no models given")
+    for name in opts.models:
+        info = model_info(name)
+        check_input_size(info, opts.input_size or info.input_size)
+    devices = [d for d in resolve_devices(opts.device, opts.targets) if opts.precision in d.precisions]
+    for d in devices:
+        if d.target is not None:
+            resolve_passes(opts.passes, d.target, d.accelerator)
+    if not [d for d in devices if d.name != BASELINE]:
+        raise EdgevitError(f"no runtime on '{opts.device}' measures {opts.precision}"
+                           + (f" for targets {','.join(opts.targets)}" if opts.targets else ""))
+    return devices
+
+
+# --- exports, cached ----------------------------------------------------------------------------
+
+def cache_key(model: str, input_size: int, device: Device, precision: str, passes: str) -> dict[str, Any]:
+    """What decides the artifact's bytes: the cache directory is a hash of this."""
+    from edgevit.export.passes import resolve_passes
+    from edgevit.export.targets import get_target
+
+    target = get_target(device.target)
+    return {"model": model, "input_size": input_size, "target": target.name, "accelerator": device.accelerator,
+            "precision": precision, "passes": list(resolve_passes(passes, target.name, device.accelerator)),
+            "seed": 0, "versions": _versions(["edgevit", "torch", *_converter_packages(target.name)])}
+
+
+def _converter_packages(target: str) -> list[str]:
+    return {"onnx": ["onnx", "onnxscript", "onnx-ir", "onnxruntime"], "coreml": ["coremltools"],
+            "tflite": ["litert-torch", "ai-edge-litert"], "openvino": ["openvino"]}[target]
+
+
+def _versions(packages: list[str]) -> dict[str, str]:
+    found = {}
+    for p in packages:
+        try:
+            found[p] = version(p)
+        except PackageNotFoundError:
+            found[p] = "not installed"
+    return found
+
+
+def export_cached(model: str, input_size: int, device: Device, precision: str, opts: BenchOptions) -> dict[str, Any]:
+    """The manifest of a cached export of ``model`` for ``device`` (exported now if missing), with
+    ``artifact_path`` and ``cached``; or an error row ``{"status": "error", ...}``."""
+    from edgevit.export.isolated import export_in_child
+
+    key = cache_key(model, input_size, device, precision, opts.passes)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    where = opts.cache_dir / f"{model}-{device.target}-{device.accelerator}-{precision}-{digest}"
+    manifest_path = where / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        artifact = where / manifest["artifact"]["file"]
+        if artifact.exists():
+            return manifest | {"artifact_path": str(artifact), "cached": True, "cache_key": key}
+    flags = ["--latency-runs", "0", "--passes", opts.passes, "--precision", precision,
+             "--accelerator", device.accelerator, "--input-size", str(input_size)]
+    where.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=where.parent))
+    row = export_in_child(model, device.target, staging, flags, opts.export_timeout_s)
+    if row.get("status") in ("passed", "converted-not-verified", "skipped"):
+        shutil.rmtree(where, ignore_errors=True)
+        staging.rename(where)  # the cache entry appears whole or not at all
+        artifact = where / Path(row["artifact_path"]).name
+        return row | {"artifact_path": str(artifact), "cached": False, "cache_key": key}
+    shutil.rmtree(staging, ignore_errors=True)
+    if row.get("status") == "failed":  # parity failed: a wrong artifact is not worth timing
+        return {"status": "error", "error": "parity failed; see 'edgevit export' for the figures"}
+    return row
+
+
+# --- configurations ------------------------------------------------------------------------------
+
+def _config(label: str, device: Device, precision: str, opts: BenchOptions, artifact: str | None,
+            inputs: Path, model: str, input_size: int, meta: dict[str, Any]) -> Config:
+    options = device.worker_options(precision)
+    if device.runtime == "torch":
+        options |= {"model": model, "input_size": input_size, "seed": 0}
+    worker = {"runtime": device.runtime, "artifact": artifact, "inputs": str(inputs), "threads": opts.threads,
+              "options": options, "profile": opts.profile}
+    return Config(label, worker, meta)
+
+
+def _save_inputs(model: str, input_size: int, where: Path) -> tuple[Path, int]:
+    """The seeded example batch the exports were made with, as the workers' inputs.npz; the batch size."""
+    from edgevit.api import _prepare_subject
+
+    subject = _prepare_subject(model, None, input_size, None, 0)
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / f"{model}-{input_size}.npz"
+    arrays = [t.detach().numpy() for t in subject.example_inputs]
+    np.savez(path, *arrays)
+    return path, int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def roofline(precisions: list[str], opts: BenchOptions, note: Progress) -> list[dict[str, Any]]:
+    """Sustained GEMM throughput per precision, measured like any configuration (its own process)."""
+    configs = [Config(f"gemm {p}", {"runtime": "gemm", "threads": opts.threads,
+                                    "options": {"n": GEMM_N, "precision": p}}, {"precision": p})
+               for p in precisions]
+    protocol = Protocol(runs=max(8, opts.rounds), rounds=min(opts.rounds, 4), warmup=2,
+                        load_timeout_s=opts.run_timeout_s, run_timeout_s=opts.run_timeout_s)
+    rows = []
+    for m in measure(configs, protocol, lambda msg: note(msg, 1)):
+        row = {"precision": m.meta["precision"], "status": m.status, "detail": m.detail, "n": GEMM_N,
+               "engine": m.info.get("engine"), "threads": m.info.get("threads")}
+        summary = m.summary()
+        if summary:
+            row |= {"median_ms": summary.median_ms, "gflops": m.info["flop"] / summary.median_ms / 1e6,
+                    "best_gflops": m.info["flop"] / summary.min_ms / 1e6}
+        rows.append(row)
+    return rows
+
+
+def run_bench(opts: BenchOptions, note: Progress = lambda msg, n: None) -> dict[str, Any]:
+    """The whole bench; returns the result document (see ``devices/report.py`` for its writers)."""
+    from edgevit.registry import model_info
+
+    devices = check_options(opts)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    gemm_precisions = ["fp32"] + ([opts.precision] if opts.precision != "fp32" else [])
+    gemm = roofline(gemm_precisions, opts, note) if opts.roofline else []
+    bound = {g["precision"]: g["gflops"] for g in gemm if g.get("gflops")}
+    rows: list[dict[str, Any]] = []
+    for model in opts.models:
+        info0 = model_info(model)
+        size = opts.input_size or info0.input_size
+        info = model_info(model, size)
+        inputs, batch = _save_inputs(info.name, size, opts.out / "inputs")
+        configs, skipped = [], []
+        for device in devices:
+            meta = {"model": info.name, "input_size": size, "device": device.name, "precision": opts.precision,
+                    "params": info.params, "macs": info.macs, "batch": batch}
+            artifact = None
+            if device.target is not None:
+                note(f"export {info.name} -> {device.name}", 0)
+                exported = export_cached(info.name, size, device, device.export_precision(opts.precision), opts)
+                if exported.get("status") == "error":
+                    skipped.append(meta | {"status": "export-failed", "detail": exported.get("error", "")})
+                    note(f"export {info.name} -> {device.name} failed", opts.rounds + 1)
+                    continue
+                artifact = exported["artifact_path"]
+                meta |= {"artifact": artifact, "export_cached": exported["cached"],
+                         "parity": exported.get("status"), "passes": exported.get("passes", {}).get("pipeline")}
+            configs.append(_config(f"{info.name} {device.name}", device, opts.precision, opts, artifact,
+                                   inputs, info.name, size, meta))
+        measured = measure(configs, opts.protocol(), lambda msg: note(msg, 1))
+        rows += _rows(measured, bound) + skipped
+    return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": _machine(), "versions": _versions(_ALL_PACKAGES),
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+            "protocol": asdict(opts.protocol()), "gemm": gemm, "rows": rows}
+
+
+_ALL_PACKAGES = ["edgevit", "torch", "numpy", "onnx", "onnxruntime", "onnxscript", "coremltools", "litert-torch",
+                 "ai-edge-litert", "openvino", "tensorflow-cpu"]
+
+
+def _rows(measured: list[Measurement], gemm_gflops: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per configuration: the measurement, speed-up vs eager (interleaved), roofline placement."""
+    baseline = next((m for m in measured if m.meta["device"] == BASELINE and m.ok), None)
+    rows = []
+    for m in measured:
+        row = m.to_dict()
+        summary = m.summary()
+        if summary is not None:
+            macs = m.meta.get("macs") or 0
+            row["gmacs_per_s"] = macs * m.meta.get("batch", 1) / summary.median_ms / 1e6
+            gflops = gemm_gflops.get(m.meta["precision"])
+            if gflops:
+                bound_ms = 2 * macs * m.meta.get("batch", 1) / (gflops * 1e9) * 1e3
+                row["roofline"] = {"gemm_gflops": gflops, "bound_ms": bound_ms,
+                                   "median_over_bound": summary.median_ms / bound_ms,
+                                   "fraction_of_peak": bound_ms / summary.median_ms}
+            if baseline is not None and m is not baseline:
+                row["speedup_vs_eager"] = stats.interleaved_ratio(baseline.rounds, m.rounds).to_dict()
+        rows.append(row)
+    return rows
+
+
+def _machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu or platform.processor(),
+            "cores": os.cpu_count(), "python": platform.python_version(), "load_avg_at_start": load}
+
+
+def fastest(rows: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
+    """The non-eager configuration of ``model`` with the smallest median."""
+    candidates = [r for r in rows if r.get("model") == model and r.get("device") != BASELINE and r.get("summary")]
+    return min(candidates, key=lambda r: r["summary"]["median_ms"], default=None)
+

@@ -1,0 +1,421 @@
+"""The measurement worker: loads one artifact in its runtime and times it, in its own process.
+
+This file is self-contained on purpose (standard library + numpy + the runtime it measures; no
+edgevit import except for the PyTorch-eager baseline): the remote protocol pushes it, with the artifact
+and the inputs, to another machine and runs it there (docs in ``devices/remote.py``). Two modes:
+
+* ``python worker.py serve`` — JSON lines on stdin/stdout; the local harness keeps one worker per
+  configuration alive and interleaves timed blocks between them (A B A B ...).
+* ``python worker.py run CONFIG.json OUT.json`` — one configuration end to end (load, first
+  inference, warm-up, timed runs, optional profile) into one JSON file: what a remote device runs.
+
+A config is a JSON object: ``runtime`` (onnxruntime, litert, openvino, coreml, torch, gemm, fake),
+``artifact`` (path), ``inputs`` (an .npz whose arrays are the positional inputs, in ``arr_0..`` order),
+``threads``, ``options`` (runtime-specific: providers, delegate, device, hint, inference precision,
+compute units) and ``profile`` (bool). Times are in milliseconds, measured with ``perf_counter``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
+
+import numpy as np
+
+PROTOCOL = 1  # bump when the JSON messages change; the harness checks it
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if platform.system() == "Darwin" else rss / 1024
+
+
+def load_inputs(path: str) -> list[np.ndarray]:
+    with np.load(path) as data:
+        return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
+# --- runtimes ------------------------------------------------------------------------------------
+
+class Session:
+    """One loaded artifact: ``run(inputs)``, ``info`` (versions, threads, precision as reported)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.options: dict[str, Any] = config.get("options", {})
+        self.threads = int(config.get("threads") or os.cpu_count() or 1)
+        self.info: dict[str, Any] = {"threads": self.threads}
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        raise NotImplementedError
+
+    def profile(self) -> list[dict[str, Any]]:
+        """Per-op times of the runs since loading (profiling enabled at load), top first."""
+        return []
+
+
+def top_ops(totals: dict[str, float], counts: dict[str, int], runs: int, limit: int = 15) -> list[dict[str, Any]]:
+    """Aggregate per op type: ms per inference and share of the profiled time, largest first."""
+    whole = sum(totals.values()) or 1.0
+    rows = [{"op": op, "ms_per_run": ms / max(runs, 1), "share": ms / whole, "calls_per_run": counts[op] / max(runs, 1)}
+            for op, ms in totals.items()]
+    return sorted(rows, key=lambda r: -r["ms_per_run"])[:limit]
+
+
+class OnnxRuntimeSession(Session):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        if config.get("profile"):
+            opts.enable_profiling = True
+            opts.profile_file_prefix = os.path.join(os.path.dirname(os.path.abspath(config["artifact"])), "ort_profile")
+        providers = self.options.get("providers", ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(config["artifact"], opts, providers=providers)
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.runs = 0
+        self.info |= {"runtime": "onnxruntime", "version": _version("onnxruntime"),
+                      "providers": self.session.get_providers(),
+                      "precision": _onnx_precision(config["artifact"])}
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        self.runs += 1
+        return self.session.run(None, dict(zip(self.names, inputs)))
+
+    def profile(self) -> list[dict[str, Any]]:
+        path = self.session.end_profiling()
+        if not path:
+            return []
+        with open(path) as fh:
+            events = json.load(fh)
+        os.remove(path)
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                op = e.get("args", {}).get("op_name", "?")
+                totals[op] = totals.get(op, 0.0) + e.get("dur", 0) / 1e3
+                counts[op] = counts.get(op, 0) + 1
+        return top_ops(totals, counts, self.runs)
+
+
+def _onnx_precision(path: str) -> str:
+    """fp16 if the graph carries float16 initializers, else fp32 (what onnxruntime computes in)."""
+    try:
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+        fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+        return "fp16" if fp16 else "fp32"
+    except Exception:  # precision is informative; a reading failure must not stop the measurement
+        return "unknown"
+
+
+class LiteRTSession(Session):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        from ai_edge_litert import interpreter as litert
+
+        delegate = self.options.get("delegate", "xnnpack")
+        kwargs: dict[str, Any] = {"model_path": config["artifact"], "num_threads": self.threads}
+        if delegate == "none":
+            kwargs["experimental_op_resolver_type"] = litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        elif delegate != "xnnpack":  # the default delegate of the interpreter is XNNPACK
+            kwargs["experimental_delegates"] = [litert.load_delegate(self.options["delegate_library"])]
+        self.interpreter = litert.Interpreter(**kwargs)
+        self.interpreter.allocate_tensors()
+        self.inputs = self.interpreter.get_input_details()
+        self.outputs = self.interpreter.get_output_details()
+        dtypes = {str(d["dtype"].__name__) for d in self.interpreter.get_tensor_details()
+                  if d["dtype"] in (np.float16, np.float32)}
+        self.info |= {"runtime": "litert", "version": _version("ai-edge-litert"), "delegate": delegate,
+                      "precision": "fp16 weights" if "float16" in dtypes else "fp32"}
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        for detail, array in zip(self.inputs, inputs):
+            self.interpreter.set_tensor(detail["index"], np.asarray(array, dtype=detail["dtype"]))
+        self.interpreter.invoke()
+        return [self.interpreter.get_tensor(d["index"]) for d in self.outputs]
+
+
+class OpenVINOSession(Session):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        import openvino as ov
+
+        device = self.options.get("device", "CPU")
+        requested = self.options.get("inference_precision", "f32")
+        props = {"INFERENCE_PRECISION_HINT": requested, "INFERENCE_NUM_THREADS": self.threads,
+                 "PERFORMANCE_HINT": self.options.get("hint", "LATENCY")}
+        if config.get("profile"):
+            props["PERF_COUNT"] = True
+        self.compiled = ov.Core().compile_model(config["artifact"], device, props)
+        self.request = self.compiled.create_infer_request()
+        self.info |= {"runtime": "openvino", "version": _version("openvino"), "device": device,
+                      "hint": str(self.compiled.get_property("PERFORMANCE_HINT")),
+                      "inference_precision_requested": requested,
+                      "precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        return self.request.infer(inputs)
+
+    def profile(self) -> list[dict[str, Any]]:
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for info in self.request.get_profiling_info():  # the last inference's counters
+            if info.status.name != "EXECUTED":
+                continue
+            kind = f"{info.node_type} ({info.exec_type})"
+            totals[kind] = totals.get(kind, 0.0) + info.real_time.total_seconds() * 1e3
+            counts[kind] = counts.get(kind, 0) + 1
+        return top_ops(totals, counts, 1)
+
+
+class CoreMLSession(Session):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        if platform.system() != "Darwin":
+            raise RuntimeError("Core ML prediction needs macOS")
+        import coremltools as ct
+
+        units = self.options.get("compute_units", "ALL")
+        self.model = ct.models.MLModel(config["artifact"], compute_units=getattr(ct.ComputeUnit, units))
+        spec = self.model.get_spec()
+        self.names = [d.name for d in spec.description.input]
+        self.info |= {"runtime": "coreml", "version": _version("coremltools"), "compute_units": units,
+                      "precision": "fp16" if "fp16" in config["artifact"] else "as converted"}
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        return self.model.predict(dict(zip(self.names, inputs)))
+
+
+class TorchEagerSession(Session):
+    """The PyTorch eager baseline: the zoo model rebuilt here (same name, input size and seed)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        import torch
+
+        torch.set_num_threads(self.threads)
+        from edgevit.api import _prepare_subject  # local only: a remote device has no PyTorch eager
+
+        opts = self.options
+        subject = _prepare_subject(opts["model"], None, opts.get("input_size"), None, int(opts.get("seed", 0)))
+        self.model = subject.model
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.get("precision", "fp32")]
+        if self.dtype != torch.float32:
+            self.model = self.model.to(self.dtype)
+        self.torch = torch
+        self.profiler = None
+        self.runs = 0
+        if config.get("profile"):
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+        self.info |= {"runtime": "torch-eager", "version": torch.__version__,
+                      "precision": str(self.dtype).replace("torch.", "")}
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        self.runs += 1
+        with self.torch.inference_mode():
+            return self.model(*(self.torch.from_numpy(x).to(self.dtype) if x.dtype.kind == "f"
+                                else self.torch.from_numpy(x) for x in inputs))
+
+    def profile(self) -> list[dict[str, Any]]:
+        if self.profiler is None:
+            return []
+        self.profiler.__exit__(None, None, None)
+        totals = {e.key: e.self_cpu_time_total / 1e3 for e in self.profiler.key_averages()}
+        counts = {e.key: e.count for e in self.profiler.key_averages()}
+        return top_ops(totals, counts, self.runs)
+
+
+class GemmSession(Session):
+    """The roofline probe: one square matrix multiply on all threads (torch, else numpy/BLAS).
+    ``info['flop']`` is 2 n^3; the harness divides it by the median time."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        n = int(self.options.get("n", 2048))
+        precision = self.options.get("precision", "fp32")
+        try:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+            a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+            self._call: Callable[[], Any] = lambda: torch.mm(a, b)
+            engine = f"torch {torch.__version__}"
+        except ImportError:
+            if precision != "fp32":
+                raise
+            a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
+            self._call = lambda: a @ b
+            engine = f"numpy {np.__version__}"
+        self.info |= {"runtime": "gemm", "engine": engine, "n": n, "flop": 2 * n ** 3, "precision": precision}
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        return self._call()
+
+
+class FakeSession(Session):
+    """For the harness's own tests: sleeps, and crashes or hangs where told (load / first / run:K)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.calls = 0
+        self._maybe_fail("load")
+        self.info |= {"runtime": "fake", "version": "0", "precision": "fp32"}
+
+    def _maybe_fail(self, when: str) -> None:
+        if self.options.get("crash") == when:
+            os._exit(3)  # like a segfaulting converter: no exception, no cleanup
+        if self.options.get("hang") == when:
+            time.sleep(3600)
+
+    def run(self, inputs: list[np.ndarray]) -> Any:
+        self.calls += 1
+        self._maybe_fail("first" if self.calls == 1 else f"run:{self.calls}")
+        time.sleep(float(self.options.get("ms", 1.0)) / 1e3)
+        return inputs
+
+    def profile(self) -> list[dict[str, Any]]:
+        return top_ops({"Sleep": self.calls * float(self.options.get("ms", 1.0))}, {"Sleep": self.calls}, self.calls)
+
+
+SESSIONS: dict[str, Callable[[dict[str, Any]], Session]] = {
+    "onnxruntime": OnnxRuntimeSession, "litert": LiteRTSession, "openvino": OpenVINOSession,
+    "coreml": CoreMLSession, "torch": TorchEagerSession, "gemm": GemmSession, "fake": FakeSession,
+}
+
+
+# --- the measurement protocol ----------------------------------------------------------------------
+
+class Worker:
+    """One configuration: ``load`` (load + first inference), ``run`` blocks of timed inferences."""
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        self.inputs: list[np.ndarray] = []
+
+    def load(self, config: dict[str, Any]) -> dict[str, Any]:
+        runtime = config.get("runtime")
+        if runtime not in SESSIONS:
+            raise ValueError(f"unknown runtime {runtime!r}; one of {sorted(SESSIONS)}")
+        self.inputs = load_inputs(config["inputs"]) if config.get("inputs") else []
+        start = time.perf_counter()
+        self.session = SESSIONS[runtime](config)
+        load_ms = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        self.session.run(self.inputs)
+        first_ms = (time.perf_counter() - start) * 1e3
+        return {"load_ms": load_ms, "first_ms": first_ms, "info": self.session.info,
+                "platform": _platform()}
+
+    def run(self, runs: int, warmup: int = 0, budget_s: float | None = None) -> dict[str, Any]:
+        """``warmup`` untimed inferences, then ``runs`` timed ones (stopping early once ``budget_s`` is spent)."""
+        assert self.session is not None, "load first"
+        for _ in range(warmup):
+            self.session.run(self.inputs)
+        times: list[float] = []
+        deadline = None if budget_s is None else time.perf_counter() + budget_s
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.session.run(self.inputs)
+            times.append((time.perf_counter() - start) * 1e3)
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+        return {"times_ms": times}
+
+    def finish(self) -> dict[str, Any]:
+        profile = self.session.profile() if self.session is not None and self.session.config.get("profile") else []
+        return {"peak_rss_mb": peak_rss_mb(), "profile": profile}
+
+
+def _platform() -> dict[str, Any]:
+    return {"system": platform.system(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "numpy": np.__version__, "protocol": PROTOCOL}
+
+
+def serve(stdin: Any = None, stdout: Any = None) -> None:
+    """JSON-lines loop: {"cmd": "load", "config": {...}} | {"cmd": "run", ...} | {"cmd": "finish"}.
+
+    The protocol owns the process's real stdout; fd 1 is pointed at stderr first, so whatever a
+    runtime prints (delegate banners, warnings) cannot corrupt a reply.
+    """
+    stdin = stdin or sys.stdin
+    if stdout is None:
+        stdout = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+    worker = Worker()
+    for line in stdin:
+        msg = json.loads(line)
+        try:
+            if msg["cmd"] == "load":
+                reply = worker.load(msg["config"])
+            elif msg["cmd"] == "run":
+                reply = worker.run(int(msg["runs"]), int(msg.get("warmup", 0)), msg.get("budget_s"))
+            elif msg["cmd"] == "finish":
+                reply = worker.finish()
+            else:
+                raise ValueError(f"unknown command {msg['cmd']!r}")
+            reply["ok"] = True
+        except Exception as exc:  # reported to the harness as this configuration's error
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+        stdout.write(json.dumps(reply) + "\n")
+        stdout.flush()
+        if msg.get("cmd") == "finish":
+            return
+
+
+def run_once(config_path: str, out_path: str) -> int:
+    """The remote protocol's one-shot measurement: config file in, result file out (written atomically)."""
+    with open(config_path) as fh:
+        config = json.load(fh)
+    worker = Worker()
+    result: dict[str, Any] = {"protocol": PROTOCOL, "config": config}
+    try:
+        result |= worker.load(config)
+        result["warmup"] = int(config.get("warmup", 3))
+        result |= worker.run(int(config.get("runs", 20)), result["warmup"], config.get("budget_s"))
+        result |= worker.finish()
+        result["ok"] = True
+    except Exception as exc:
+        result |= {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+    tmp = out_path + ".part"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh)
+    os.replace(tmp, out_path)
+    return 0 if result["ok"] else 1
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        serve()
+        return 0
+    if len(argv) == 3 and argv[0] == "run":
+        return run_once(argv[1], argv[2])
+    sys.stderr.write("usage: worker.py serve | worker.py run CONFIG.json OUT.json\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

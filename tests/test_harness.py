@@ -1,0 +1,334 @@
+"""The latency harness: statistics, interleaving, process isolation, the remote protocol, reports.
+
+Fast tests use the worker's ``fake`` runtime (sleeps; crashes or hangs where told) and a two-node
+ONNX graph built here; one slow test runs a small zoo model through every runtime of this machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgevit.devices import stats
+from edgevit.devices.harness import Config, Protocol, measure
+from edgevit.devices.remote import AdbTransport, LoopbackTransport, SshTransport, measure_remote
+
+FAST = Protocol(runs=6, rounds=3, warmup=1, gap_s=0.0, load_timeout_s=60, run_timeout_s=60)
+
+
+def fake(label: str, **options) -> Config:
+    return Config(label, {"runtime": "fake", "threads": 1, "options": {"ms": 1.0, **options}}, {"device": label})
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+def test_summary_matches_numpy() -> None:
+    rng = np.random.default_rng(0)
+    times = list(rng.gamma(4.0, 2.0, size=101))
+    s = stats.summarize(times, batch=2)
+    assert s.runs == 101 and s.min_ms == min(times) and s.median_ms == statistics.median(times)
+    assert s.p90_ms == pytest.approx(np.percentile(times, 90)) and s.p99_ms == pytest.approx(np.percentile(times, 99))
+    assert s.mean_ms == pytest.approx(np.mean(times)) and s.std_ms == pytest.approx(np.std(times, ddof=1))
+    assert s.throughput_per_s == pytest.approx(2 * 1000 / np.mean(times))
+    with pytest.raises(ValueError):
+        stats.summarize([])
+
+
+def test_interleaved_ratio_and_spread() -> None:
+    eager = [[10.0, 10.0, 10.0], [12.0, 12.0, 12.0], [11.0, 11.0, 11.0]]
+    fast = [[5.0, 5.0, 5.0], [4.0, 4.0, 4.0], [5.5, 5.5, 5.5]]
+    r = stats.interleaved_ratio(eager, fast)
+    assert r.rounds == 3
+    assert r.median == pytest.approx(11.0 / 5.0)  # overall medians
+    assert (r.low, r.high) == (pytest.approx(2.0), pytest.approx(3.0))  # per-round 2.0, 3.0, 2.0
+
+
+def test_repeatability_flags_more_than_ten_percent() -> None:
+    steady = stats.repeatability([[10.0, 10.1], [10.2, 9.9], [10.0, 10.3], [10.1, 10.0]])
+    assert steady is not None and not steady.noisy and steady.ratio < 1.1
+    drifting = stats.repeatability([[10.0, 10.0], [10.0, 10.0], [12.0, 12.0], [12.0, 12.0]])
+    assert drifting is not None and drifting.noisy and drifting.ratio == pytest.approx(1.2)
+    assert stats.repeatability([[1.0]]) is None
+
+
+# --- the harness with fake runtimes ---------------------------------------------------------------
+
+def test_measure_interleaves_rounds_in_alternating_order() -> None:
+    notes: list[str] = []
+    results = measure([fake("A"), fake("B"), fake("C")], FAST, notes.append)
+    rounds = [n.split(": ")[1] for n in notes if n.startswith("round")]
+    assert rounds == ["A", "B", "C", "C", "B", "A", "A", "B", "C"]  # A B C / C B A / A B C
+    for m in results:
+        assert m.status == "ok" and [len(r) for r in m.rounds] == [2, 2, 2]
+        assert all(t >= 1.0 for t in m.times_ms)  # each fake inference sleeps 1 ms
+        assert m.load_ms is not None and m.first_ms is not None and m.peak_rss_mb > 1
+        assert m.info["runtime"] == "fake" and m.info["threads"] == 1
+
+
+@pytest.mark.parametrize("where, status", [("load", "crashed"), ("first", "crashed"), ("run:4", "crashed")])
+def test_a_crashing_worker_is_recorded_and_the_others_finish(where: str, status: str) -> None:
+    results = measure([fake("ok1"), fake("bad", crash=where), fake("ok2")], FAST)
+    ok1, bad, ok2 = results
+    assert bad.status == status and "exit code 3" in bad.detail
+    assert ok1.ok and ok2.ok and len(ok1.times_ms) == len(ok2.times_ms) == 6
+
+
+def test_a_hanging_worker_is_killed_at_the_timeout() -> None:
+    protocol = Protocol(runs=4, rounds=2, warmup=0, block_warmup=0, load_timeout_s=60, run_timeout_s=2)
+    ok, hung = measure([fake("ok"), fake("hung", hang="run:3")], protocol)
+    assert hung.status == "timeout" and "within 2 s" in hung.detail
+    assert ok.ok and len(ok.times_ms) == 4
+
+
+def test_a_worker_error_is_one_line() -> None:
+    (bad,) = measure([Config("x", {"runtime": "nope"})], FAST)
+    assert bad.status == "error" and bad.detail.startswith("ValueError: unknown runtime 'nope'")
+
+
+def test_a_time_budget_stops_the_timed_runs_early() -> None:
+    protocol = Protocol(runs=1000, rounds=2, warmup=0, block_warmup=0, budget_s=0.2, load_timeout_s=60,
+                        run_timeout_s=60)
+    (m,) = measure([fake("slow", ms=20.0)], protocol)
+    # 0.1 s per round: a block stops after the first run that crosses it (~5-6 runs of 20 ms)
+    assert m.ok and len(m.rounds) == 2 and all(2 <= len(r) <= 8 for r in m.rounds)
+
+
+def test_profile_is_collected_on_request() -> None:
+    config = fake("p")
+    config.worker["profile"] = True
+    (m,) = measure([config], FAST)
+    assert m.profile and m.profile[0]["op"] == "Sleep" and m.profile[0]["share"] == 1.0
+
+
+# --- the remote protocol over the loopback transport ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """y = relu(x @ W): two nodes, made with onnx.helper (no exporter involved)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    root = tmp_path_factory.mktemp("tiny")
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, root / "tiny.onnx")
+    np.savez(root / "inputs.npz", np.ones((1, 64), np.float32))
+    return root / "tiny.onnx", root / "inputs.npz"
+
+
+def test_loopback_runs_the_worker_in_its_own_process(tiny_onnx) -> None:
+    artifact, inputs = tiny_onnx
+    config = {"runtime": "onnxruntime", "threads": 1, "options": {"providers": ["CPUExecutionProvider"]}}
+    m = measure_remote(LoopbackTransport(), config, artifact, inputs, runs=7, warmup=2, label="tiny")
+    assert m.status == "ok", m.detail
+    assert len(m.times_ms) == 7 and m.info["runtime"] == "onnxruntime" and m.info["precision"] == "fp32"
+    assert m.platform["protocol"] == 1 and m.peak_rss_mb > 1
+
+
+@pytest.mark.parametrize("options, status, detail", [({"crash": "first"}, "crashed", "exit code 3, no result.json"),
+                                                     ({"hang": "run:2"}, "timeout", "no result within 3 s")])
+def test_loopback_crash_and_hang(tiny_onnx, options, status, detail) -> None:
+    _, inputs = tiny_onnx
+    config = {"runtime": "fake", "options": {"ms": 1.0, **options}}
+    m = measure_remote(LoopbackTransport(), config, inputs, inputs, runs=5, timeout_s=3)
+    assert m.status == status and detail in m.detail
+
+
+def test_worker_file_needs_no_edgevit(tmp_path: Path, tiny_onnx) -> None:
+    """The pushed worker imports only the standard library, numpy and the runtime it measures."""
+    from edgevit.devices.harness import WORKER
+
+    source = WORKER.read_text()
+    top_level = [ln for ln in source.splitlines() if ln.startswith(("import ", "from "))]
+    assert not [ln for ln in top_level if "edgevit" in ln], top_level
+    (tmp_path / "config.json").write_text(json.dumps({"runtime": "fake", "runs": 3, "warmup": 0}))
+    proc = subprocess.run([sys.executable, "-I", str(WORKER), "run", "config.json", "out.json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)  # -I: isolated mode, no site-packages path tricks
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["ok"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv, timeout_s):
+        self.calls.append(list(argv))
+        pulling_result = argv[-2].endswith("/result.json")  # nothing ran, so there is nothing to pull
+        return subprocess.CompletedProcess(argv, 1 if pulling_result else 0, "", "")
+
+
+def test_ssh_and_adb_transports_build_the_protocol_commands(tiny_onnx) -> None:
+    artifact, inputs = tiny_onnx
+    for transport, tool in ((SshTransport("pi@edge", runner=Recorder()), "ssh"),
+                            (AdbTransport(serial="R58M", runner=Recorder()), "adb")):
+        m = measure_remote(transport, {"runtime": "onnxruntime"}, artifact, inputs, runs=3)
+        calls = transport.runner.calls
+        assert m.status == "crashed" and "no result.json" in m.detail
+        flat = [" ".join(c) for c in calls]
+        assert flat[0].startswith(tool) and "mkdir -p" in flat[0]
+        pushed = [c for c in flat if " push " in f" {c} " or c.startswith("scp -q -r")]
+        assert any("worker.py" in c for c in pushed) and any("tiny.onnx" in c for c in pushed)
+        assert any("config.json" in c for c in pushed) and any("inputs.npz" in c for c in pushed)
+        assert any("worker.py run config.json result.json" in c for c in flat)
+        assert "rm -rf" in flat[-1]
+    assert calls[0][:3] == ["adb", "-s", "R58M"]
+
+
+# --- the devices table ------------------------------------------------------------------------------
+
+def test_devices_table_rows_point_at_the_targets_table() -> None:
+    from edgevit.devices.table import BASELINE, DEVICES
+    from edgevit.devices.worker import SESSIONS
+    from edgevit.export.targets import TARGETS
+
+    assert BASELINE in DEVICES and DEVICES[BASELINE].target is None
+    for d in DEVICES.values():
+        assert d.runtime in SESSIONS
+        if d.target is not None:
+            target = TARGETS[d.target]
+            target.accelerator(d.accelerator)  # a real accelerator row: its pipeline is the export's
+            assert {p for p, _ in d.precisions.values() if p} <= set(target.precisions)
+        reason = d.unavailable_reason()
+        assert reason is None or (reason and "\n" not in reason)
+    names = {f"{t}:{u}" for t in ("onnx",) for u in ("cpu", "xnnpack", "coreml", "nnapi")}
+    names |= {"tflite:xnnpack", "tflite:gpu", "tflite:nnapi", "openvino:cpu", "openvino:gpu", "openvino:npu",
+              "coreml:all", "coreml:cpu", "coreml:cpu_and_ne", "coreml:cpu_and_gpu"}
+    assert names <= set(DEVICES)
+
+
+def test_resolve_cpu_devices_and_errors() -> None:
+    import platform
+
+    from edgevit.devices.table import resolve_devices
+    from edgevit.errors import EdgevitError
+
+    cpu = resolve_devices("cpu")
+    assert cpu[0].name == "torch:eager" and all(d.available and d.on_cpu for d in cpu)
+    if platform.system() == "Linux":
+        with pytest.raises(EdgevitError, match="coreml:all' is not available here: Core ML prediction needs macOS"):
+            resolve_devices("coreml:all")
+    with pytest.raises(EdgevitError, match="unknown device 'tpu'"):
+        resolve_devices("tpu")
+    only_onnx = resolve_devices("cpu", ["onnx"])
+    assert {d.target for d in only_onnx} <= {None, "onnx"}
+
+
+# --- report writers -------------------------------------------------------------------------------
+
+def synthetic_result() -> dict:
+    def row(device, median, speedup=None):
+        r = {"model": "deit_tiny", "device": device, "precision": "fp32", "status": "ok", "detail": "",
+             "params": 5_717_416, "macs": 1_258_000_000, "batch": 1, "load_ms": 100.0, "first_ms": 30.0,
+             "summary": stats.summarize([median, median * 1.1, median * 0.95]).to_dict(),
+             "repeatability": {"noisy": False}, "runtime_info": {"threads": 2, "precision": "f32"},
+             "peak_rss_mb": 300.0, "gmacs_per_s": 1.258e9 / median / 1e6,
+             "roofline": {"bound_ms": 12.9, "median_over_bound": median / 12.9}, "profile": []}
+        if speedup:
+            r["speedup_vs_eager"] = {"median": speedup, "low": speedup - 0.1, "high": speedup + 0.1, "rounds": 4}
+        return r
+
+    failed = {"model": "deit_tiny", "device": "tflite:xnnpack", "precision": "fp32", "status": "crashed",
+              "detail": "worker killed by signal 11"}
+    return {"created": "2026-11-21T00:00:00+00:00", "machine": {"cpu": "test cpu", "cores": 2, "system": "Linux"},
+            "versions": {"edgevit": "0.1.0"}, "gemm": [{"precision": "fp32", "status": "ok", "n": 2048, "threads": 2,
+                                                         "engine": "torch", "gflops": 194.0, "best_gflops": 200.0}],
+            "rows": [row("torch:eager", 40.0), row("onnx:cpu", 18.0, 2.2), failed]}
+
+
+def test_report_writers(tmp_path: Path) -> None:
+    from edgevit.devices.report import CSV_FIELDS, write_all
+
+    result = synthetic_result()
+    paths = write_all(result, tmp_path, tmp_path / "copy.json")
+    assert json.loads(paths["json"].read_text()) == json.loads((tmp_path / "copy.json").read_text())
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert list(rows[0]) == CSV_FIELDS and len(rows) == 3
+    assert rows[1]["device"] == "onnx:cpu" and float(rows[1]["speedup_vs_eager"]) == 2.2
+    assert rows[2]["status"] == "crashed" and rows[2]["median_ms"] == ""
+    md = paths["markdown"].read_text()
+    assert "| deit_tiny | onnx:cpu |" in md and "2.20x [2.10-2.30]" in md and "crashed: worker killed" in md
+    assert "194.0 GFLOP/s" in md
+    if paths["png"] is not None:
+        assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![latency against MACs]" in md
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgevit.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"precision": "int4"}, "unknown precision 'int4'"),
+    ({"device": "coreml:all"}, "not available here"),
+    ({"device": "warp-drive"}, "unknown device 'warp-drive'"),
+    ({"models": ["resnet9000"]}, "resnet9000"),
+    ({"runs": 0}, "--runs and --rounds must be >= 1"),
+    ({"budget_s": -1.0}, "--budget must be > 0"),
+    ({"passes": "no_such_pass"}, "no_such_pass"),
+    ({"device": "openvino:cpu", "targets": ["onnx"], "precision": "bf16"}, "no runtime on 'openvino:cpu' measures bf16"),
+])
+def test_bench_argument_errors(changes: dict, message: str) -> None:
+    from edgevit.devices.bench import BenchOptions, check_options
+    from edgevit.errors import EdgevitError
+
+    if changes.get("device") == "coreml:all" and sys.platform == "darwin":
+        pytest.skip("Core ML runs on macOS")
+    with pytest.raises(EdgevitError, match=message):
+        check_options(BenchOptions(**changes))
+
+
+def test_bench_cli_error_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    proc = run_cli("bench", "--out", str(tmp_path / "b"), "--precision", "int4")
+    assert proc.returncode == 2 and "unknown precision 'int4'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_devices_json() -> None:
+    proc = run_cli("devices", "--json")
+    rows = json.loads(proc.stdout)
+    assert proc.returncode == 0 and {r["device"] for r in rows} >= {"torch:eager", "onnx:cpu", "openvino:npu"}
+    assert all(r["available"] == (r["reason"] is None) for r in rows)
+
+
+# --- one small real model through every runtime here ---------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_runs_a_small_model_on_every_cpu_runtime_and_caches_exports(tmp_path: Path) -> None:
+    args = ["bench", "--models", "deit_tiny", "--input-size", "64", "--runs", "4", "--rounds", "2", "--warmup", "1",
+            "--out", str(tmp_path / "b"), "--json", str(tmp_path / "r.json")]
+    first = run_cli(*args, "--profile")
+    assert first.returncode == 0, first.stderr[-2000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["device"]: r for r in result["rows"]}
+    assert {"torch:eager", "onnx:cpu", "tflite:xnnpack", "openvino:cpu"} <= set(rows)
+    for device, row in rows.items():
+        assert row["status"] == "ok" and row["summary"]["runs"] == 4, (device, row.get("detail"))
+        assert row["runtime_info"]["threads"] >= 1 and row["runtime_info"]["precision"]
+        if device != "torch:eager":
+            assert row["export_cached"] is False and row["parity"] == "passed"
+            assert row["speedup_vs_eager"]["rounds"] == 2 and row["roofline"]["bound_ms"] > 0
+    assert rows["openvino:cpu"]["runtime_info"]["precision"] == "f32"
+    assert rows["onnx:cpu"]["profile"] and rows["openvino:cpu"]["profile"] and rows["torch:eager"]["profile"]
+    assert result["gemm"][0]["gflops"] > 1 and result["versions"]["torch"].startswith("2.")
+    for name in ("bench.json", "bench.csv", "report.md"):
+        assert (tmp_path / "b" / name).exists()
+    again = run_cli(*args, "--no-roofline", "--targets", "onnx")
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = {r["device"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert set(rows) == {"torch:eager", "onnx:cpu"} and rows["onnx:cpu"]["export_cached"] is True
