@@ -38,7 +38,20 @@ def _version(package: str) -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process since it started (its exec).
+
+    Linux/Android: ``VmHWM`` of /proc/self/status, which belongs to the current address space.
+    ``ru_maxrss`` is not used there: it survives exec and so includes the parent's pages at fork
+    time (a worker forked from a 400 MB harness would report 400 MB). Elsewhere ``ru_maxrss``
+    (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
