@@ -271,7 +271,7 @@ def _machine() -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
     except OSError:
         pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu or platform.processor(),
             "cores": os.cpu_count(), "python": platform.python_version(), "load_avg_at_start": load}
 
