@@ -36,15 +36,5 @@ def max_rank() -> Callable[..., int]:
     return probe
 
 
-# Modules whose tests share an expensive module-scoped fixture (a matrix of exports, a converted
-# model): their tests stay on one xdist worker (--dist loadgroup); every other test is scheduled
-# on its own, so the slow zoo-matrix cells spread over both workers.
-GROUPED_MODULES = {"test_export_matrix", "test_pass_ane", "test_coverage", "test_zoo_navit", "test_harness"}
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if module in GROUPED_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
