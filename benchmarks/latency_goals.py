@@ -34,20 +34,17 @@ def bench(out: Path, runs: int, rounds: int, precision: str = "fp32", extra: tup
     return json.loads(result_path.read_text())
 
 
-def fastest(result: dict, model: str) -> dict | None:
-    rows = [r for r in result["rows"] if r["model"] == model and r["device"] != "torch:eager" and r.get("summary")]
-    return min(rows, key=lambda r: r["summary"]["median_ms"], default=None)
-
-
 def goals(first: dict, second: dict) -> list[dict]:
+    from edgevit.devices.bench import fastest
+
     checks = []
     for model in MODELS.split(","):
-        best = fastest(first, model)
+        best = fastest(first["rows"], model)
         ratio = best and best.get("speedup_vs_eager")
         checks.append({"goal": f"{model}: fastest runtime >= 2x eager", "ok": bool(ratio and ratio["median"] >= 2.0),
                        "figure": f"{best['device']} {ratio['median']:.2f}x [{ratio['low']:.2f}-{ratio['high']:.2f}]"
                        if ratio else "no measurement"})
-    best = fastest(first, "deit_tiny")
+    best = fastest(first["rows"], "deit_tiny")
     roof = best and best.get("roofline")
     checks.append({"goal": "deit_tiny: fastest fp32 runtime within 1.5x of the GEMM bound",
                    "ok": bool(roof and roof["median_over_bound"] <= 1.5),
