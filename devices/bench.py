@@ -18,7 +18,6 @@ import platform
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ import numpy as np
 from edgevit.devices import stats
 from edgevit.devices.harness import Config, Measurement, Protocol, measure
 from edgevit.devices.table import BASELINE, Device, resolve_devices
+from edgevit.devices.worker import package_version
 from edgevit.errors import EdgevitError
 
 DEFAULT_MODELS = ("deit_tiny", "mobilevit_v2_050")
@@ -114,13 +114,7 @@ def _converter_packages(target: str) -> list[str]:
 
 
 def _versions(packages: list[str]) -> dict[str, str]:
-    found = {}
-    for p in packages:
-        try:
-            found[p] = version(p)
-        except PackageNotFoundError:
-            found[p] = "not installed"
-    return found
+    return {p: package_version(p) for p in packages}
 
 
 def export_cached(model: str, input_size: int, device: Device, precision: str, opts: BenchOptions) -> dict[str, Any]:

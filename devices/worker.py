@@ -30,7 +30,7 @@ import numpy as np
 PROTOCOL = 1  # bump when the JSON messages change; the harness checks it
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return version(package)
     except PackageNotFoundError:
@@ -105,7 +105,7 @@ class OnnxRuntimeSession(Session):
         self.session = ort.InferenceSession(config["artifact"], opts, providers=providers)
         self.names = [i.name for i in self.session.get_inputs()]
         self.runs = 0
-        self.info |= {"runtime": "onnxruntime", "version": _version("onnxruntime"),
+        self.info |= {"runtime": "onnxruntime", "version": package_version("onnxruntime"),
                       "providers": self.session.get_providers(),
                       "precision": _onnx_precision(config["artifact"])}
 
@@ -159,7 +159,7 @@ class LiteRTSession(Session):
         self.outputs = self.interpreter.get_output_details()
         dtypes = {str(d["dtype"].__name__) for d in self.interpreter.get_tensor_details()
                   if d["dtype"] in (np.float16, np.float32)}
-        self.info |= {"runtime": "litert", "version": _version("ai-edge-litert"), "delegate": delegate,
+        self.info |= {"runtime": "litert", "version": package_version("ai-edge-litert"), "delegate": delegate,
                       "precision": "fp16 weights" if "float16" in dtypes else "fp32"}
 
     def run(self, inputs: list[np.ndarray]) -> Any:
@@ -182,7 +182,7 @@ class OpenVINOSession(Session):
             props["PERF_COUNT"] = True
         self.compiled = ov.Core().compile_model(config["artifact"], device, props)
         self.request = self.compiled.create_infer_request()
-        self.info |= {"runtime": "openvino", "version": _version("openvino"), "device": device,
+        self.info |= {"runtime": "openvino", "version": package_version("openvino"), "device": device,
                       "hint": str(self.compiled.get_property("PERFORMANCE_HINT")),
                       "inference_precision_requested": requested,
                       "precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
@@ -213,7 +213,7 @@ class CoreMLSession(Session):
         self.model = ct.models.MLModel(config["artifact"], compute_units=getattr(ct.ComputeUnit, units))
         spec = self.model.get_spec()
         self.names = [d.name for d in spec.description.input]
-        self.info |= {"runtime": "coreml", "version": _version("coremltools"), "compute_units": units,
+        self.info |= {"runtime": "coreml", "version": package_version("coremltools"), "compute_units": units,
                       "precision": "fp16" if "fp16" in config["artifact"] else "as converted"}
 
     def run(self, inputs: list[np.ndarray]) -> Any:
