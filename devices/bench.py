@@ -42,7 +42,7 @@ class BenchOptions:
     targets: list[str] | None = None
     precision: str = "fp32"
     runs: int = 40
-    rounds: int = 8
+    rounds: int = 10  # 10 round medians give a 95 % median interval inside the extremes ([x2, x9])
     warmup: int = 5
     threads: int | None = None  # default: every core of the device
     passes: str = "auto"

@@ -18,7 +18,8 @@ from typing import Any
 CSV_FIELDS = ["model", "device", "precision", "status", "median_ms", "p90_ms", "p99_ms", "min_ms", "mean_ms",
               "std_ms", "runs", "throughput_per_s", "speedup_vs_eager", "speedup_low", "speedup_high",
               "params", "macs", "gmacs_per_s", "roofline_bound_ms", "median_over_bound", "load_ms", "first_ms",
-              "peak_rss_mb", "threads", "runtime_precision", "noisy", "detail"]
+              "peak_rss_mb", "threads", "runtime_precision", "median_interval_low_ms",
+              "median_interval_high_ms", "noisy", "detail"]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -50,6 +51,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "roofline_bound_ms": roof.get("bound_ms"), "median_over_bound": roof.get("median_over_bound"),
         "load_ms": row.get("load_ms"), "first_ms": row.get("first_ms"), "peak_rss_mb": row.get("peak_rss_mb"),
         "threads": info.get("threads"), "runtime_precision": info.get("precision"),
+        "median_interval_low_ms": rep.get("interval_low_ms"), "median_interval_high_ms": rep.get("interval_high_ms"),
         "noisy": rep.get("noisy"), "detail": row.get("detail", ""),
     }
 
@@ -160,7 +162,9 @@ def write_markdown(result: dict[str, Any], path: Path, plot: Path | None) -> Pat
         "Protocol: each configuration in its own process; load, first inference, warm-up, then timed blocks "
         "interleaved between configurations (order alternating each round). Speed-ups are interleaved "
         "median ratios vs PyTorch eager, with the smallest and largest per-round ratio. A configuration "
-        "whose two halves of rounds differ by more than 10 % in median is marked noisy.", "",
+        "is marked noisy when the medians of its two halves of rounds differ by more than 10 %, or when "
+        "the 95 % distribution-free interval of its median round time is wider than 10 % (a re-run may "
+        "then land more than 10 % away).", "",
         "## Roofline", "", *[f"- {line}" for line in gemm_lines(result)], "",
         "## Results", "",
         "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER),

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 import statistics
+from math import comb
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-#: Two halves of the same configuration's runs whose medians differ by more than this are "noisy".
+#: A configuration is "noisy" when a re-run could plausibly land more than this far from its median.
 NOISY_RATIO = 1.10
+#: Confidence of the distribution-free interval of the median round time.
+CONFIDENCE = 0.95
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -78,22 +81,43 @@ def interleaved_ratio(baseline_rounds: Sequence[Sequence[float]], candidate_roun
     return Ratio(overall, min(per_round), max(per_round), len(pairs))
 
 
+def median_interval_ranks(n: int, confidence: float = CONFIDENCE) -> int | None:
+    """The rank k (1-based) such that [x(k), x(n-k+1)] of n sorted samples covers the population median
+    with probability >= ``confidence`` (the binomial order-statistic interval; no distribution assumed).
+    None when n is too small for any such interval (n < 6 at 95 %)."""
+    tail = (1.0 - confidence) / 2
+    k = 0
+    while sum(comb(n, i) for i in range(k + 1)) / 2 ** n <= tail:
+        k += 1
+    return k or None
+
+
 @dataclass(frozen=True)
 class Repeatability:
-    """The medians of the first and the second half of the rounds of one configuration (two
-    back-to-back measurements of the same thing) and whether they disagree by more than 10 %."""
+    """Will a re-run of this configuration land within 10 % of its median? Two independent signs say no:
+
+    - drift: the medians of the first and the second half of the rounds (two back-to-back measurements
+      of the same thing) differ by more than 10 %;
+    - spread: the 95 % distribution-free confidence interval of the median round time (round medians,
+      each round a block taken at a different moment) is wider than 10 % high/low. Rounds sample the
+      machine's background load over the whole run; when their medians scatter that much, a run taken
+      a minute later samples a different load and its median moves as much.
+    """
 
     first_median_ms: float
     second_median_ms: float
-    ratio: float  # larger / smaller, >= 1
+    ratio: float  # larger / smaller half median, >= 1
+    interval_low_ms: float | None  # the median's 95 % interval from round medians (None: too few rounds)
+    interval_high_ms: float | None
+    interval_ratio: float | None  # high / low
     noisy: bool
 
-    def to_dict(self) -> dict[str, float | bool]:
+    def to_dict(self) -> dict[str, float | bool | None]:
         return asdict(self)
 
 
 def repeatability(rounds: Sequence[Sequence[float]], limit: float = NOISY_RATIO) -> Repeatability | None:
-    """Compare the first half of the rounds with the second; None with fewer than two rounds."""
+    """Drift (halves) and spread (median interval over round medians); None with fewer than two rounds."""
     rounds = [r for r in rounds if r]
     if len(rounds) < 2:
         return None
@@ -101,4 +125,11 @@ def repeatability(rounds: Sequence[Sequence[float]], limit: float = NOISY_RATIO)
     first = statistics.median([t for r in rounds[:half] for t in r])
     second = statistics.median([t for r in rounds[half:] for t in r])
     ratio = max(first, second) / min(first, second)
-    return Repeatability(first, second, ratio, ratio > limit)
+    medians = sorted(statistics.median(r) for r in rounds)
+    k = median_interval_ranks(len(medians))
+    low = high = interval = None
+    if k is not None:
+        low, high = medians[k - 1], medians[len(medians) - k]
+        interval = high / low
+    noisy = ratio > limit or (interval is not None and interval > limit)
+    return Repeatability(first, second, ratio, low, high, interval, noisy)

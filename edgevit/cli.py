@@ -471,7 +471,7 @@ def bench_cmd(
     targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Keep these targets' runtimes (eager stays)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (each runtime's way of running it)."),
     runs: int = typer.Option(40, "--runs", help="Timed inferences per configuration."),
-    rounds: int = typer.Option(8, "--rounds", help="Interleaved rounds the runs are split into."),
+    rounds: int = typer.Option(10, "--rounds", help="Interleaved rounds the runs are split into (>= 6 for a noise verdict from the spread)."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed inferences after the first one."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Seconds of timed runs per configuration (stops early)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads per runtime [default: all cores]."),

@@ -58,6 +58,28 @@ def test_repeatability_flags_more_than_ten_percent() -> None:
     assert stats.repeatability([[1.0]]) is None
 
 
+def test_median_interval_ranks_are_the_binomial_order_statistics() -> None:
+    # P(Binom(10, 1/2) <= 1) = 11/1024 <= 2.5 % < P(<= 2) = 56/1024: the interval is [x2, x9].
+    assert stats.median_interval_ranks(10) == 2
+    assert stats.median_interval_ranks(8) == 1  # 1/256 <= 2.5 % < 9/256: the extremes
+    assert stats.median_interval_ranks(20) == 6  # the textbook value for n = 20
+    assert stats.median_interval_ranks(5) is None  # 2/32 > 2.5 %: no 95 % interval from 5 samples
+
+
+def test_repeatability_flags_scattered_rounds_even_without_drift() -> None:
+    # Alternating fast/slow rounds: both halves have the same median, but the round medians scatter
+    # by 30 %, so a re-run may land far from this one's median.
+    scattered = stats.repeatability([[10.0, 10.0], [13.0, 13.0], [13.0, 13.0], [10.0, 10.0]] * 3)
+    assert scattered is not None and scattered.ratio == pytest.approx(1.0)
+    assert scattered.interval_ratio == pytest.approx(1.3) and scattered.noisy
+    # The same scatter in one outlier round stays inside [x2, x9]: not noisy.
+    one_outlier = stats.repeatability([[10.0, 10.1]] * 9 + [[13.0, 13.0]])
+    assert one_outlier is not None and one_outlier.interval_ratio < 1.02 and not one_outlier.noisy
+    # Fewer than 6 rounds: no interval, drift alone decides.
+    short = stats.repeatability([[10.0], [13.0], [10.0], [13.0]])
+    assert short is not None and short.interval_ratio is None and not short.noisy
+
+
 # --- the harness with fake runtimes ---------------------------------------------------------------
 
 def test_measure_interleaves_rounds_in_alternating_order() -> None:
