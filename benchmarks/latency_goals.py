@@ -37,19 +37,28 @@ def bench(out: Path, runs: int, rounds: int, precision: str = "fp32", extra: tup
 def goals(first: dict, second: dict) -> list[dict]:
     from edgevit.devices.bench import fastest
 
+    # The speed goals must hold in both back-to-back runs: on a noisy machine one lucky run proves nothing.
     checks = []
     for model in MODELS.split(","):
-        best = fastest(first["rows"], model)
-        ratio = best and best.get("speedup_vs_eager")
-        checks.append({"goal": f"{model}: fastest runtime >= 2x eager", "ok": bool(ratio and ratio["median"] >= 2.0),
-                       "figure": f"{best['device']} {ratio['median']:.2f}x [{ratio['low']:.2f}-{ratio['high']:.2f}]"
-                       if ratio else "no measurement"})
-    best = fastest(first["rows"], "deit_tiny")
-    roof = best and best.get("roofline")
-    checks.append({"goal": "deit_tiny: fastest fp32 runtime within 1.5x of the GEMM bound",
-                   "ok": bool(roof and roof["median_over_bound"] <= 1.5),
-                   "figure": f"{best['device']} {best['summary']['median_ms']:.2f} ms vs bound {roof['bound_ms']:.2f} ms "
-                   f"({roof['median_over_bound']:.2f}x; GEMM {roof['gemm_gflops']:.0f} GFLOP/s)" if roof else "no roofline"})
+        figures, ok = [], True
+        for label, res in (("run 1", first), ("run 2", second)):
+            best = fastest(res["rows"], model)
+            ratio = best and best.get("speedup_vs_eager")
+            ok = ok and bool(ratio and ratio["median"] >= 2.0)
+            figures.append(f"{label}: {best['device']} {ratio['median']:.2f}x [{ratio['low']:.2f}-{ratio['high']:.2f}]"
+                           if ratio else f"{label}: no measurement")
+        checks.append({"goal": f"{model}: fastest runtime >= 2x eager (both runs)", "ok": ok,
+                       "figure": "; ".join(figures)})
+    figures, ok = [], True
+    for label, res in (("run 1", first), ("run 2", second)):
+        best = fastest(res["rows"], "deit_tiny")
+        roof = best and best.get("roofline")
+        ok = ok and bool(roof and roof["median_over_bound"] <= 1.5)
+        figures.append(f"{label}: {best['device']} {best['summary']['median_ms']:.2f} ms vs bound {roof['bound_ms']:.2f} ms "
+                       f"({roof['median_over_bound']:.2f}x; GEMM {roof['gemm_gflops']:.0f} GFLOP/s)" if roof
+                       else f"{label}: no roofline")
+    checks.append({"goal": "deit_tiny: fastest fp32 runtime within 1.5x of the GEMM bound (both runs)", "ok": ok,
+                   "figure": "; ".join(figures)})
     pairs = {(r["model"], r["device"]): r for r in second["rows"] if r.get("summary")}
     worst, unflagged, flagged = 1.0, [], []
     for r in first["rows"]:

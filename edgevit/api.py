@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import edgevit
-from edgevit.devices.runtimes import can_run, load_runner
+from edgevit.devices.runtimes import load_runner
 from edgevit.errors import EdgevitError, ParityError
 from edgevit.export.capture import capture, flatten_outputs, output_names
 from edgevit.export.manifest import (
@@ -279,28 +279,37 @@ def _verify(
     latency_runs: int,
     refs: list[list[np.ndarray]] | None = None,
 ) -> ParityReport:
-    structural = None
-    if tgt.name == "coreml":
-        from edgevit.export.coreml import structural_check
-
-        structural = structural_check(artifact, subject.example_inputs, len(names))
-        if not structural["ok"]:
-            return ParityReport("failed", precision, runtime={"structural_check": structural},
-                                detail="; ".join(structural["problems"]))
-    if not can_run(tgt.name):
-        return ParityReport("converted-not-verified", precision, runtime={"structural_check": structural},
-                            detail="structural check passed; Core ML prediction needs macOS")
-    runner = load_runner(tgt.name, artifact)
     samples = _parity_inputs(subject)
     if refs is None:  # export_model passes the outputs the pipeline computed on these seeded samples
         with torch.no_grad():
             refs = [[t.numpy() for t in flatten_outputs(subject.model(*s))] for s in samples]
+    if tgt.name == "coreml":
+        return _verify_coreml(artifact, subject, samples, refs, names, precision)
+    runner = load_runner(tgt.name, artifact)
     outs = [runner.run([t.numpy() for t in s]) for s in samples]
     report = compare(refs, outs, names, precision)
-    report.runtime = runner.info | ({"structural_check": structural} if structural else {})
+    report.runtime = runner.info
     if latency_runs > 0:
         report.median_ms = runner.median_ms([t.numpy() for t in samples[0]], runs=latency_runs)
     return report
+
+
+def _verify_coreml(
+    artifact: Path,
+    subject: _Subject,
+    samples: list[tuple[torch.Tensor, ...]],
+    refs: list[list[np.ndarray]],
+    names: list[str],
+    precision: str,
+) -> ParityReport:
+    """Structural check, then the reference executor (fp32 + fp16 modes; + Core ML on macOS)."""
+    from edgevit.export.coreml import structural_check, verify
+
+    structural = structural_check(artifact, subject.example_inputs, len(names))
+    if not structural["ok"]:
+        return ParityReport("failed", precision, runtime={"structural_check": structural},
+                            detail="; ".join(structural["problems"]))
+    return verify(artifact, [[t.numpy() for t in s] for s in samples], refs, names, precision, structural)
 
 
 def _manifest(

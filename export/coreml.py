@@ -1,15 +1,22 @@
 """Core ML target: coremltools converts the captured program to an ML Program (.mlpackage), iOS 17+.
 
-Prediction needs macOS. On Linux the saved package gets a structural check only and is reported as
-"converted, not verified" (see :func:`structural_check`).
+Parity (:func:`verify`): the saved package is executed by edgevit's MIL reference executor
+(:mod:`edgevit.devices.mil`) in fp32 and fp16 modes on every platform, and on macOS also by Core ML
+itself. The manifest's ``parity.checks`` lists each check that ran and ``parity.verification`` says it
+in words. Only a package whose program uses an op the executor lacks stays "converted, not verified".
 """
 
 from __future__ import annotations
 
+import platform
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+
+from edgevit.export.parity import ParityReport, compare
 
 DEPLOYMENT_TARGET = "iOS17"
 
@@ -60,3 +67,59 @@ def structural_check(path: Path, example_inputs: tuple, num_outputs: int) -> dic
 
 def versions() -> dict[str, str]:
     return {name: version(name) for name in ("torch", "coremltools")} | {"deployment_target": DEPLOYMENT_TARGET}
+
+
+def _check(name: str, refs: list[list[np.ndarray]], outs: list[list[np.ndarray]], names: list[str],
+           tolerance: str, gating: bool) -> tuple[dict[str, Any], ParityReport]:
+    report = compare(refs, outs, names, tolerance)
+    ratios = [o.max_abs_err / o.peak for o in report.outputs or [] if o.peak]
+    return {
+        "check": name, "status": report.status, "gating": gating, "tolerance": tolerance,
+        "max_abs_err": report.worst("max_abs_err"), "max_err_over_peak": max(ratios) if ratios else None,
+        "cosine": report.worst("cosine"), "top1_agreement": report.worst("top1_agreement"),
+    }, report
+
+
+def verify(path: Path, samples: list[list[np.ndarray]], refs: list[list[np.ndarray]], names: list[str],
+           precision: str, structural: dict[str, Any]) -> ParityReport:
+    """Check the package's numbers: the reference executor in fp32 and fp16 modes, plus Core ML on macOS.
+
+    Gating: fp32 mode at the artifact's precision bound always; fp16 mode at the fp16 bound when the
+    artifact is fp16 (what the Neural Engine runs); for an fp32 artifact the fp16 mode is reported, not
+    gated (Core ML runs fp32 programs on CPU/GPU, not the ANE). Real Core ML predictions gate at the
+    artifact's bound. The report's ``outputs`` are those of the check matching the artifact's precision.
+    """
+    from edgevit.devices.mil import MILExecutor, UnsupportedOpError, load_program
+
+    try:
+        program = load_program(path)
+        program.check_supported()
+    except UnsupportedOpError as exc:
+        return ParityReport("converted-not-verified", precision, runtime={"structural_check": structural},
+                            detail=f"structural check passed; {exc}", verification="converted, not verified")
+    checks, reports = [], {}
+    for mode in ("fp32", "fp16"):
+        executor = MILExecutor(program, mode)
+        outs = [executor.run(sample) for sample in samples]
+        tolerance = "fp16" if mode == "fp16" else precision
+        entry, reports[mode] = _check(f"reference executor, {mode} mode", refs, outs, names, tolerance,
+                                      gating=mode == "fp32" or precision == "fp16")
+        checks.append(entry)
+    ran = ["reference executor, fp32 and fp16"]
+    if platform.system() == "Darwin":
+        from edgevit.devices.runtimes import CoreMLRunner
+
+        runner = CoreMLRunner(path)
+        entry, reports["coreml"] = _check("Core ML prediction (macOS, CPU_ONLY)", refs,
+                                          [runner.run(s) for s in samples], names, precision, gating=True)
+        checks.append(entry)
+        ran.append("Core ML prediction")
+    main = reports["coreml" if "coreml" in reports else precision]
+    failed = [c["check"] for c in checks if c["gating"] and c["status"] == "failed"]
+    main.status = "failed" if failed else "passed"
+    main.detail = f"failed: {'; '.join(failed)}" if failed else ""
+    main.checks = checks
+    main.verification = f"{'failed' if failed else 'verified'} ({' + '.join(ran)})"
+    main.runtime = {"runtime": "edgevit MIL reference executor", "loader": f"coremltools {version('coremltools')}",
+                    "opset": program.opset, "ops": program.op_types(), "structural_check": structural}
+    return main

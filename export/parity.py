@@ -87,6 +87,9 @@ class ParityReport:
     runtime: dict[str, Any] | None = None
     median_ms: float | None = None
     detail: str = ""
+    verification: str = ""  # how the numbers were checked, in words (e.g. "verified (reference executor, ...)")
+    checks: list[dict[str, Any]] | None = None  # every check that ran, when there are several (Core ML)
+    fp16_range: dict[str, Any] | None = None  # Core ML: ops that overflow/underflow/lose precision in fp16
 
     @property
     def passed(self) -> bool:
