@@ -328,13 +328,27 @@ def _report(manifests: list[dict], as_json: bool) -> None:
         err = worst("max_abs_err", max)
         ratios = [o["max_abs_err"] / o["peak"] for o in outs if o.get("peak")]
         status = m["status"]
+        text = p.get("verification") or STATUS_TEXT.get(status, status)
         table.add_row(
-            m["target"], m["precision"], f"[{STATUS_STYLE.get(status, 'white')}]{STATUS_TEXT.get(status, status)}[/]",
+            m["target"], m["precision"], f"[{STATUS_STYLE.get(status, 'white')}]{text}[/]",
             _fmt(err, ".2e"), _fmt(max(ratios) if ratios else None, ".1e"),
             _fmt(worst("cosine", min), ".7f"), _fmt(worst("top1_agreement", min), ".2f"),
             _fmt(worst("top5_agreement", min), ".2f"), _fmt(p.get("median_ms"), ".2f"), _passes_cell(m),
         )
     out_console.print(table)
+    for m in manifests:
+        if (m.get("parity") or {}).get("checks"):
+            out_console.print(f"{m['target']} {m['precision']}: {m['parity']['verification']}", highlight=False)
+        for check in (m.get("parity") or {}).get("checks") or []:
+            gate = "" if check["gating"] else ", reported only"
+            out_console.print(f"{m['target']} {m['precision']}: {check['check']}: {check['status']} at the "
+                              f"{check['tolerance']} bound{gate} (err/peak {_fmt(check['max_err_over_peak'], '.1e')}, "
+                              f"cosine {_fmt(check['cosine'], '.7f')})", highlight=False)
+        issues = ((m.get("parity") or {}).get("fp16_range") or {}).get("issues")
+        if issues:
+            out_console.print(f"{m['target']}: {len(issues)} op(s) misbehave in fp16 (see 'edgevit inspect "
+                              f"{m['model']['name']} -t coreml'): " + "; ".join(i["op"] for i in issues[:5]),
+                              highlight=False)
     for m in manifests:
         if m["status"] == "error":
             err_console.print(f"[red]{m['target']}:[/] {escape(m['error'])}", highlight=False, soft_wrap=True)
@@ -406,10 +420,23 @@ def _inspect_rows(model: str, target: str, pipelines: dict[str, tuple[str, ...]]
         else:
             try:
                 row["coverage"] = coverage(Path(manifest["artifact_path"]), target, acc).to_dict()
+                if target == "coreml":
+                    row["fp16_range"] = _fp16_range(model, manifest)
             except EdgevitError as exc:
                 row["error"] = str(exc)
         rows.append(row)
     return rows
+
+
+def _fp16_range(model: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fp16 range report of a Core ML artifact on a seeded image (the MIL reference executor)."""
+    from edgevit.api import _image_batch
+    from edgevit.devices.mil import fp16_range_report, load_program
+    from edgevit.registry import model_info
+
+    size = manifest["inputs"][0]["shape"][-1]
+    x = _image_batch(model_info(model, size), size, seed=1).numpy()
+    return fp16_range_report(load_program(Path(manifest["artifact_path"])), [x])
 
 
 def _inspect_report(model: str, target: str, rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -442,6 +469,21 @@ def _inspect_report(model: str, target: str, rows: list[dict[str, Any]], as_json
             out_console.print(f"{r['accelerator']}: {problem} -> fix: {fix}", highlight=False)
         for note in c.get("notes", []):
             out_console.print(f"{r['accelerator']}: note: {note}", highlight=False)
+        if "fp16_range" in r:
+            _print_fp16_range(r["accelerator"], r["fp16_range"])
+
+
+def _print_fp16_range(accelerator: str, report: dict[str, Any]) -> None:
+    rules = report["rules"]
+    issues = report["issues"]
+    out_console.print(f"{accelerator}: fp16 range (MIL reference executor, seeded input; each op on fp16-rounded "
+                      f"inputs): {report['ops_checked']} op outputs checked, {len(issues)} misbehave "
+                      f"(overflow to inf, >= {rules['underflow_fraction']:g} of values flushed to 0, or error "
+                      f"> {rules['loss_tolerance']:g} of the peak)", highlight=False)
+    for issue in issues:
+        reasons = ", ".join(issue["reasons"])
+        out_console.print(f"  {issue['op_type']} {issue['op']} {issue['shape']}: {reasons} "
+                          f"(fp32 peak {issue['fp32_peak']:.3g})", highlight=False)
 
 
 @app.command("devices")

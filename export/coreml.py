@@ -89,7 +89,7 @@ def verify(path: Path, samples: list[list[np.ndarray]], refs: list[list[np.ndarr
     gated (Core ML runs fp32 programs on CPU/GPU, not the ANE). Real Core ML predictions gate at the
     artifact's bound. The report's ``outputs`` are those of the check matching the artifact's precision.
     """
-    from edgevit.devices.mil import MILExecutor, UnsupportedOpError, load_program
+    from edgevit.devices.mil import MILExecutor, UnsupportedOpError, fp16_range_report, load_program
 
     try:
         program = load_program(path)
@@ -119,6 +119,7 @@ def verify(path: Path, samples: list[list[np.ndarray]], refs: list[list[np.ndarr
     main.status = "failed" if failed else "passed"
     main.detail = f"failed: {'; '.join(failed)}" if failed else ""
     main.checks = checks
+    main.fp16_range = fp16_range_report(program, samples[0])  # the ops that misbehave in fp16, on sample 1
     main.verification = f"{'failed' if failed else 'verified'} ({' + '.join(ran)})"
     main.runtime = {"runtime": "edgevit MIL reference executor", "loader": f"coremltools {version('coremltools')}",
                     "opset": program.opset, "ops": program.op_types(), "structural_check": structural}

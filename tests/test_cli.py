@@ -99,7 +99,7 @@ def test_missing_backend_package(tmp_path) -> None:
 def test_export_coreml_with_no_other_flag(tmp_path) -> None:
     proc = run("export", "mobilevit_v2", "--target", "coreml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "converted, not verified" in proc.stdout or sys.platform == "darwin"
+    assert "verified (reference executor, fp32 and fp16" in proc.stdout
     manifest = json.loads((tmp_path / "exports/mobilevit_v2_100/coreml/manifest.json").read_text())
     assert manifest["precision"] == "fp16" and (tmp_path / "exports/mobilevit_v2_100/coreml/mobilevit_v2_100.mlpackage").is_dir()
 
@@ -123,3 +123,14 @@ def test_export_json_and_parity_failure_exit_code(tmp_path) -> None:
     assert proc.returncode == 1
     assert "failed" in proc.stdout and "parity failed for onnx" in proc.stderr
     assert json.loads((tmp_path / "bad/manifest.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_inspect_coreml_prints_the_fp16_range_report(tmp_path) -> None:
+    proc = run("inspect", "efficientvit_m0", "--target", "coreml", "--input-size", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "fp16 range (MIL reference executor" in proc.stdout and "op outputs checked" in proc.stdout
+    proc = run("inspect", "efficientvit_m0", "--target", "coreml", "--input-size", "64", "--json")
+    report = json.loads(proc.stdout)["accelerators"][0]["fp16_range"]
+    assert report["ops_checked"] > 100 and report["rules"]["loss_tolerance"] == 1e-2
+    assert isinstance(report["issues"], list)

@@ -8,7 +8,6 @@ a fix that makes such a cell pass but slower than the budget still shows as an e
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 
@@ -44,16 +43,22 @@ def test_known_failures_name_real_cells() -> None:
 def check_cell(tmp_path, model: str, target: str) -> None:
     """One cell: exports and passes parity (or still fails as KNOWN_FAILURES says)."""
     info = model_info(model)
-    expected = "converted-not-verified" if target == "coreml" and platform.system() != "Darwin" else "passed"
+    expected = "passed"  # Core ML too: the MIL reference executor verifies it on Linux
     reason = KNOWN_FAILURES.get((model, target))
     if reason:
         status = _status_in_child(model, target, tmp_path, info.test_input_size)
         if status != expected:
             pytest.xfail(f"known failure ({status}): {reason}")
         pytest.fail(f"{model} -> {target} now gives '{status}': remove it from KNOWN_FAILURES")
-    result = edgevit.export_model(model, target=target, out=tmp_path, input_size=info.test_input_size)
+    # Core ML at fp32 here, so the reference executor is held to the fp32 bound (its fp16 mode runs too);
+    # the default fp16 Core ML export is covered by test_export_matrix.py.
+    precision = "fp32" if target == "coreml" else None
+    result = edgevit.export_model(model, target=target, out=tmp_path, input_size=info.test_input_size,
+                                  precision=precision)
     assert result.parity.status == expected, result.parity.to_dict()
     assert result.manifest["passes"]["parity_cost"]["graph_max_abs_change"] <= 1e-4 * _peak(result)
+    if target == "coreml":
+        cross_validate_with_onnxruntime(tmp_path, model, result, info.test_input_size)
     if target == "tflite":  # the rank passes are in every pipeline: no tensor above rank 4 (GPU/NNAPI limit)
         from edgevit.devices.coverage import tflite_coverage
 
@@ -79,6 +84,27 @@ def _target_class(target: str) -> type:
 # Generated from the targets table, so a new target gets its column of cells without an edit here.
 for _target in TARGETS:
     globals()[f"Test{_target.capitalize()}"] = _target_class(_target)
+
+
+def cross_validate_with_onnxruntime(tmp_path, model: str, result, input_size: int | None) -> None:
+    """The executor's fp32 run of the Core ML program agrees with onnxruntime on the same model's ONNX
+    artifact (fp32 bound): two independent executions of two converters' output, so neither the
+    executor nor a converter can be wrong in the same way as PyTorch unnoticed."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgevit.devices.mil import MILExecutor, load_program
+    from edgevit.export.parity import compare
+
+    onnx = edgevit.export_model(model, target="onnx", out=tmp_path / "onnx", input_size=input_size, verify=False)
+    session = ort.InferenceSession(str(onnx.artifact), providers=["CPUExecutionProvider"])
+    shape = result.manifest["inputs"][0]["shape"]
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    ort_out = session.run(None, {session.get_inputs()[0].name: x})
+    mil_out = MILExecutor(load_program(result.artifact), "fp32").run([x])
+    names = [o.name for o in session.get_outputs()]
+    report = compare([[np.asarray(o) for o in ort_out]], [mil_out], names, result.manifest["precision"])
+    assert report.status == "passed", report.to_dict()
 
 
 def _peak(result) -> float:

@@ -172,13 +172,18 @@ def _pool_pads(x, kernel, strides, pad_type, pad, ceil_mode):
 
 
 def _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, pad_value):
+    """Windows of the padded input, plus two masks over the padded grid for the average's divisor:
+    the input itself, and the input with its declared padding (not the ceil-mode overhang)."""
     x = np.asarray(x)
     kernel = [int(k) for k in np.atleast_1d(kernel_sizes)]
     strides = [int(s) for s in (np.atleast_1d(strides) if strides is not None else [1] * len(kernel))]
+    declared = _pool_pads(x, kernel, strides, pad_type, pad, False)
     pads = _pool_pads(x, kernel, strides, pad_type, pad, bool(ceil_mode))
     padded = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=pad_value)
     inside = np.pad(np.ones(x.shape[2:], dtype=np.float32), pads)
-    return _windows(padded, kernel, strides, [1] * len(kernel)), kernel, strides, inside
+    with_pad = np.pad(np.ones([s + b + e for s, (b, e) in zip(x.shape[2:], declared)], dtype=np.float32),
+                      [(0, e - d) for (_, e), (_, d) in zip(pads, declared)])
+    return _windows(padded, kernel, strides, [1] * len(kernel)), kernel, strides, (inside, with_pad)
 
 
 @mil_op("max_pool")
@@ -190,13 +195,13 @@ def max_pool(x, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_mod
 @mil_op("avg_pool")
 def avg_pool(x, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_mode=False,
              exclude_padding_from_average=False):
-    win, kernel, strides, inside = _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, 0.0)
+    """The divisor counts the input (and, unless excluded, the declared padding); never the ceil-mode
+    overhang past the padding (PyTorch's rule, which coremltools' torch frontend converts from)."""
+    win, kernel, strides, (inside, with_pad) = _pool(x, kernel_sizes, strides, pad_type, pad, ceil_mode, 0.0)
     axes = tuple(range(-len(kernel), 0))
     total = win.sum(axis=axes)
-    if exclude_padding_from_average:
-        count = _windows(inside[None, None], kernel, strides, [1] * len(kernel)).sum(axis=axes)
-    else:
-        count = np.float32(np.prod(kernel))
+    mask = inside if exclude_padding_from_average else with_pad
+    count = _windows(mask[None, None], kernel, strides, [1] * len(kernel)).sum(axis=axes)
     return (total / count).astype(np.asarray(x).dtype)
 
 
