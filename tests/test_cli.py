@@ -129,8 +129,6 @@ def test_export_json_and_parity_failure_exit_code(tmp_path) -> None:
 def test_inspect_coreml_prints_the_fp16_range_report(tmp_path) -> None:
     proc = run("inspect", "efficientvit_m0", "--target", "coreml", "--input-size", "64")
     assert proc.returncode == 0, proc.stderr
-    assert "fp16 range (MIL reference executor" in proc.stdout and "op outputs checked" in proc.stdout
-    proc = run("inspect", "efficientvit_m0", "--target", "coreml", "--input-size", "64", "--json")
-    report = json.loads(proc.stdout)["accelerators"][0]["fp16_range"]
-    assert report["ops_checked"] > 100 and report["rules"]["loss_tolerance"] == 1e-2
-    assert isinstance(report["issues"], list)
+    assert "fp16 range (MIL reference executor" in proc.stdout
+    checked = int(proc.stdout.split("op outputs checked")[0].split()[-1])
+    assert checked > 100  # efficientvit_m0's program has a few hundred float op outputs
