@@ -273,6 +273,10 @@ def test_pixel_shuffle_family() -> None:
     close(op("pixel_shuffle", x=np_(x), upscale_factor=2), F.pixel_shuffle(x, 2))
     y = rand(1, 2, 6, 4)
     close(op("pixel_unshuffle", x=np_(y), downscale_factor=2), F.pixel_unshuffle(y, 2))
+    # TensorFlow's order: channel = (block row * b + block col) * C + c
+    deep = op("space_to_depth", x=np_(y), block_size=2)
+    assert deep.shape == (1, 8, 3, 2) and deep[0, (1 * 2 + 0) * 2 + 0, 1, 1] == np_(y)[0, 0, 3, 2]
+    close(op("depth_to_space", x=deep, block_size=2), y)
 
 
 def test_upsampling_matches_torch_interpolate() -> None:
@@ -309,7 +313,7 @@ def test_every_op_has_a_test_here() -> None:
         "sin", "sinh", "square", "tan", "abs", "mod", "not_equal", "greater_equal", "less", "less_equal",
         "logical_and", "logical_or", "logical_xor", "reduce_prod", "reduce_l1_norm", "reduce_sum_square",
         "reduce_log_sum", "reduce_argmin", "threshold", "select", "identity", "flatten2d", "fill", "range_1d",
-        "reverse", "stack", "scatter", "scatter_nd", "non_zero", "one_hot", "space_to_depth", "depth_to_space",
+        "reverse", "stack", "scatter", "scatter_nd", "non_zero", "one_hot",
         "resize_nearest_neighbor", "resize", "l2_pool", "l2_norm", "softsign", "prelu", "scaled_tanh",
         "linear_activation", "thresholded_relu", "clamped_relu", "scaled_dot_product_attention",
     }

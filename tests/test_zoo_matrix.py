@@ -57,6 +57,8 @@ def check_cell(tmp_path, model: str, target: str) -> None:
                                   precision=precision)
     assert result.parity.status == expected, result.parity.to_dict()
     assert result.manifest["passes"]["parity_cost"]["graph_max_abs_change"] <= 1e-4 * _peak(result)
+    if target == "onnx":
+        _ONNX_ARTIFACTS[model] = result.artifact
     if target == "coreml":
         cross_validate_with_onnxruntime(tmp_path, model, result, info.test_input_size)
     if target == "tflite":  # the rank passes are in every pipeline: no tensor above rank 4 (GPU/NNAPI limit)
@@ -66,24 +68,30 @@ def check_cell(tmp_path, model: str, target: str) -> None:
         assert not ranks, ranks
 
 
-# One class per target: with --dist loadscope each class is a unit of work, so the cells spread over
-# the xdist workers instead of the whole matrix landing on one.
+# One class per model: with --dist loadscope each class is a unit of work, so the cells spread over the
+# xdist workers, and a model's cells run in one process in table order (onnx first), so the Core ML
+# cell cross-checks against the ONNX artifact the onnx cell just made instead of exporting another.
 MODELS = sorted({m for m, _ in CELLS})
+# Core ML cells also cover the two families test_export_matrix.py exports (there at the default fp16), so
+# every family's Core ML program is held to the fp32 bound and cross-checked with onnxruntime.
+CORE_ML_ONLY = ["deit_tiny", "mobilevit_v2_050"]
+_ONNX_ARTIFACTS: dict[str, object] = {}  # model -> ONNX artifact exported by this process's onnx cell
 
 
-def _target_class(target: str) -> type:
-    class TargetCells:
-        @pytest.mark.parametrize("model", MODELS)
-        def test_cell(self, tmp_path, model: str) -> None:
+def _model_class(model: str, targets: list[str]) -> type:
+    class ModelCells:
+        @pytest.mark.parametrize("target", targets)
+        def test_cell(self, tmp_path, target: str) -> None:
             check_cell(tmp_path, model, target)
 
-    TargetCells.__name__ = TargetCells.__qualname__ = f"Test{target.capitalize()}"
-    return TargetCells
+    ModelCells.__name__ = ModelCells.__qualname__ = "Test" + "".join(p.capitalize() for p in model.split("_"))
+    return ModelCells
 
 
-# Generated from the targets table, so a new target gets its column of cells without an edit here.
-for _target in TARGETS:
-    globals()[f"Test{_target.capitalize()}"] = _target_class(_target)
+# Generated from the targets table, so a new target gets its cells without an edit here.
+for _model, _targets in [(m, list(TARGETS)) for m in MODELS] + [(m, ["coreml"]) for m in CORE_ML_ONLY]:
+    _cls = _model_class(_model, _targets)
+    globals()[_cls.__name__] = _cls
 
 
 def cross_validate_with_onnxruntime(tmp_path, model: str, result, input_size: int | None) -> None:
@@ -96,8 +104,11 @@ def cross_validate_with_onnxruntime(tmp_path, model: str, result, input_size: in
     from edgevit.devices.mil import MILExecutor, load_program
     from edgevit.export.parity import compare
 
-    onnx = edgevit.export_model(model, target="onnx", out=tmp_path / "onnx", input_size=input_size, verify=False)
-    session = ort.InferenceSession(str(onnx.artifact), providers=["CPUExecutionProvider"])
+    artifact = _ONNX_ARTIFACTS.get(model)
+    if artifact is None:  # no onnx cell ran in this process: convert the raw capture (no passes, quick)
+        artifact = edgevit.export_model(model, target="onnx", out=tmp_path / "onnx", input_size=input_size,
+                                        verify=False, passes="none").artifact
+    session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
     shape = result.manifest["inputs"][0]["shape"]
     x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     ort_out = session.run(None, {session.get_inputs()[0].name: x})

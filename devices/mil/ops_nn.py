@@ -218,11 +218,8 @@ def _channel_shape(x: np.ndarray) -> tuple[int, ...]:
     return (1, -1) + (1,) * (x.ndim - 2)
 
 
-@mil_op("batch_norm")
-def batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5):
-    x = np.asarray(x)
-    shape = _channel_shape(x)
-    out = (x - np.reshape(mean, shape)) / np.sqrt(np.reshape(variance, shape) + np.float32(epsilon))
+def _affine(out: np.ndarray, gamma, beta, shape) -> np.ndarray:
+    """``out * gamma + beta`` with either left out, the parameters reshaped to ``shape``."""
     if gamma is not None:
         out = out * np.reshape(gamma, shape)
     if beta is not None:
@@ -230,37 +227,36 @@ def batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5):
     return out
 
 
+def _standardise(x: np.ndarray, axes: tuple[int, ...], epsilon) -> np.ndarray:
+    """(x - mean) / sqrt(var + eps) over ``axes``, the biased variance (as every MIL norm uses)."""
+    mean = x.mean(axis=axes, keepdims=True)
+    var = np.square(x - mean).mean(axis=axes, keepdims=True)
+    return (x - mean) / np.sqrt(var + np.float32(epsilon))
+
+
+@mil_op("batch_norm")
+def batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5):
+    x = np.asarray(x)
+    shape = _channel_shape(x)
+    out = (x - np.reshape(mean, shape)) / np.sqrt(np.reshape(variance, shape) + np.float32(epsilon))
+    return _affine(out, gamma, beta, shape)
+
+
 @mil_op("instance_norm")
 def instance_norm(x, gamma=None, beta=None, epsilon=1e-5):
     """Normalise every (sample, channel) over its spatial dims; gamma/beta per channel."""
     x = np.asarray(x)
-    axes = tuple(range(2, x.ndim))
-    mean = x.mean(axis=axes, keepdims=True)
-    var = np.square(x - mean).mean(axis=axes, keepdims=True)
-    out = (x - mean) / np.sqrt(var + np.float32(epsilon))
-    if gamma is not None:
-        out = out * np.reshape(gamma, _channel_shape(x))
-    if beta is not None:
-        out = out + np.reshape(beta, _channel_shape(x))
-    return out
+    return _affine(_standardise(x, tuple(range(2, x.ndim)), epsilon), gamma, beta, _channel_shape(x))
 
 
 @mil_op("layer_norm")
 def layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
-    """Normalise over ``axes`` (default: all); gamma/beta have the shape of the normalised dims."""
+    """Normalise over ``axes`` (default: all); gamma/beta have the shape of the normalised dims, placed
+    on those axes in order (1 elsewhere)."""
     x = np.asarray(x)
     axes = tuple(range(x.ndim)) if axes is None else tuple(int(a) % x.ndim for a in np.atleast_1d(axes))
-    mean = x.mean(axis=axes, keepdims=True)
-    var = np.square(x - mean).mean(axis=axes, keepdims=True)
-    out = (x - mean) / np.sqrt(var + np.float32(epsilon))
-    if gamma is not None or beta is not None:
-        # gamma's dims are the normalised axes in order; place them there, 1 elsewhere
-        shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
-        if gamma is not None:
-            out = out * np.reshape(gamma, shape)
-        if beta is not None:
-            out = out + np.reshape(beta, shape)
-    return out
+    shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    return _affine(_standardise(x, axes, epsilon), gamma, beta, shape)
 
 
 @mil_op("l2_norm")

@@ -300,36 +300,39 @@ def one_hot(indices, one_hot_vector_size, axis=-1, on_value=1, off_value=0):
 # --- channel/space rearrangement --------------------------------------------------------------------
 
 
+def _regroup(x, factor, split, perm, merged) -> np.ndarray:
+    """Move ``factor`` x ``factor`` blocks between channels and space: split the (N, C, H, W) dims as
+    ``split(n, c, h, w, f)``, permute, merge as ``merged(n, c, h, w, f)``."""
+    x = np.asarray(x)
+    f = int(factor)
+    n, c, h, w = x.shape
+    return x.reshape(split(n, c, h, w, f)).transpose(perm).reshape(merged(n, c, h, w, f))
+
+
 @mil_op("pixel_shuffle")
 def pixel_shuffle(x, upscale_factor):
-    x = np.asarray(x)
-    r = int(upscale_factor)
-    n, c, h, w = x.shape
-    return x.reshape(n, c // (r * r), r, r, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(n, c // (r * r), h * r, w * r)
+    """(N, C*r*r, H, W) -> (N, C, H*r, W*r), channel-major blocks (PyTorch's order)."""
+    return _regroup(x, upscale_factor, lambda n, c, h, w, r: (n, c // (r * r), r, r, h, w), (0, 1, 4, 2, 5, 3),
+                    lambda n, c, h, w, r: (n, c // (r * r), h * r, w * r))
 
 
 @mil_op("pixel_unshuffle")
 def pixel_unshuffle(x, downscale_factor):
-    x = np.asarray(x)
-    r = int(downscale_factor)
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h // r, r, w // r, r).transpose(0, 1, 3, 5, 2, 4).reshape(n, c * r * r, h // r, w // r)
+    return _regroup(x, downscale_factor, lambda n, c, h, w, r: (n, c, h // r, r, w // r, r), (0, 1, 3, 5, 2, 4),
+                    lambda n, c, h, w, r: (n, c * r * r, h // r, w // r))
 
 
 @mil_op("space_to_depth")
 def space_to_depth(x, block_size):
-    x = np.asarray(x)
-    b = int(block_size)
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4).reshape(n, c * b * b, h // b, w // b)
+    """Like pixel_unshuffle but block-offset-major channels (TensorFlow's order)."""
+    return _regroup(x, block_size, lambda n, c, h, w, b: (n, c, h // b, b, w // b, b), (0, 3, 5, 1, 2, 4),
+                    lambda n, c, h, w, b: (n, c * b * b, h // b, w // b))
 
 
 @mil_op("depth_to_space")
 def depth_to_space(x, block_size):
-    x = np.asarray(x)
-    b = int(block_size)
-    n, c, h, w = x.shape
-    return x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2).reshape(n, c // (b * b), h * b, w * b)
+    return _regroup(x, block_size, lambda n, c, h, w, b: (n, b, b, c // (b * b), h, w), (0, 3, 4, 1, 5, 2),
+                    lambda n, c, h, w, b: (n, c // (b * b), h * b, w * b))
 
 
 # --- resampling -------------------------------------------------------------------------------------
