@@ -109,3 +109,43 @@ def test_coreml_attention_runs_per_head(matrix, model: str, sites: int) -> None:
     applied = {r["name"]: r for r in result.manifest["passes"]["applied"]}
     assert applied["ane_split_heads"]["sites"] == sites
     assert not [n for n in coreml_coverage(result.artifact).notes if n.startswith("batched attention")]
+
+
+def test_inspect_coreml_prints_the_fp16_range_report(matrix, monkeypatch) -> None:
+    """`edgevit inspect -t coreml` wiring, in-process on the matrix's deit_tiny package (no re-export)."""
+    from typer.testing import CliRunner
+
+    import edgevit.cli as cli
+
+    result = matrix["deit_tiny", "coreml"]
+    assert not isinstance(result, Exception), result
+    row = {**result.manifest, "artifact_path": str(result.artifact)}
+    monkeypatch.setattr(cli, "_export_isolated", lambda *args, **kwargs: [row])
+    out = CliRunner().invoke(cli.app, ["inspect", "deit_tiny", "--target", "coreml"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "fp16 range (MIL reference executor" in out.output
+    assert int(out.output.split("op outputs checked")[0].split()[-1]) > 500  # deit_tiny: ~650 float outputs
+    as_json = CliRunner().invoke(cli.app, ["inspect", "deit_tiny", "--target", "coreml", "--json"])
+    report = json.loads(as_json.output)["accelerators"][0]["fp16_range"]
+    assert report["rules"]["loss_tolerance"] == 1e-2 and isinstance(report["issues"], list)
+
+
+@pytest.mark.parametrize("model", MATRIX_MODELS)
+def test_coreml_executor_agrees_with_onnxruntime(matrix, model: str) -> None:
+    """Cross-check of the default (fp16) Core ML package: the executor's fp32 mode vs onnxruntime on
+    the matrix's ONNX artifact of the same model, at the fp16 bound (the package's weights are fp16).
+    The fp32-bound cross-check of every family is in test_zoo_matrix.py."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgevit.devices.mil import MILExecutor, load_program
+    from edgevit.export.parity import compare
+
+    coreml, onnx = matrix[model, "coreml"], matrix[model, "onnx"]
+    assert not isinstance(coreml, Exception) and not isinstance(onnx, Exception)
+    session = ort.InferenceSession(str(onnx.artifact), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).standard_normal(coreml.manifest["inputs"][0]["shape"]).astype(np.float32)
+    ort_out = [np.asarray(o) for o in session.run(None, {session.get_inputs()[0].name: x})]
+    report = compare([ort_out], [MILExecutor(load_program(coreml.artifact)).run([x])],
+                     [o.name for o in session.get_outputs()], "fp16")
+    assert report.status == "passed", report.to_dict()

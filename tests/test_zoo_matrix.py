@@ -72,9 +72,6 @@ def check_cell(tmp_path, model: str, target: str) -> None:
 # xdist workers, and a model's cells run in one process in table order (onnx first), so the Core ML
 # cell cross-checks against the ONNX artifact the onnx cell just made instead of exporting another.
 MODELS = sorted({m for m, _ in CELLS})
-# Core ML cells also cover the two families test_export_matrix.py exports (there at the default fp16), so
-# every family's Core ML program is held to the fp32 bound and cross-checked with onnxruntime.
-CORE_ML_ONLY = ["deit_tiny", "mobilevit_v2_050"]
 _ONNX_ARTIFACTS: dict[str, object] = {}  # model -> ONNX artifact exported by this process's onnx cell
 
 
@@ -89,8 +86,8 @@ def _model_class(model: str, targets: list[str]) -> type:
 
 
 # Generated from the targets table, so a new target gets its cells without an edit here.
-for _model, _targets in [(m, list(TARGETS)) for m in MODELS] + [(m, ["coreml"]) for m in CORE_ML_ONLY]:
-    _cls = _model_class(_model, _targets)
+for _model in MODELS:
+    _cls = _model_class(_model, list(TARGETS))
     globals()[_cls.__name__] = _cls
 
 
