@@ -114,7 +114,7 @@ def test_wheel_maps_export_and_devices_into_the_package(tmp_path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "edgevit/export/targets.py" in names and "edgevit/devices/runtimes.py" in names
     assert "edgevit/export/passes/base.py" in names and "edgevit/export/passes/ane_attention.py" in names
-    assert "edgevit/devices/worker.py" in names
+    assert "edgevit/devices/worker.py" in names and "edgevit/devices/mil/executor.py" in names
     assert not any(n.startswith(("export/", "devices/")) for n in names)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True)
