@@ -183,8 +183,8 @@ class MILExecutor:
             raise ValueError(f"missing inputs {missing}; the program takes {self.program.inputs}")
         env: dict[str, Any] = dict(self.consts)
         for name in self.program.inputs:
-            env[name] = self._round(_normalise(np.asarray(feeds[name], dtype=np.float32)
-                                               if np.asarray(feeds[name]).dtype.kind == "f" else feeds[name]))
+            value = np.asarray(feeds[name])
+            env[name] = self._round(value.astype(np.float32) if value.dtype.kind == "f" else value)
         for step in self.program.steps:
             kwargs = {k: _resolve(v, env) for k, v in step.inputs.items()}
             try:
@@ -200,8 +200,8 @@ class MILExecutor:
                 env[name] = value
             if observer is not None:
                 observer(step, kwargs, outs)
-        return [np.asarray(env[name], dtype=np.float32) if np.asarray(env[name]).dtype.kind == "f"
-                else np.asarray(env[name]) for name in self.program.outputs]
+        outputs = [np.asarray(env[name]) for name in self.program.outputs]
+        return [o.astype(np.float32) if o.dtype.kind == "f" else o for o in outputs]
 
 
 def _resolve(value: Any, env: dict[str, Any]) -> Any:
