@@ -1,3 +1,3 @@
 """edgevit.devices: runtimes that execute exported artifacts (the latency harness grows here)."""
 
-from edgevit.devices.runtimes import RUNNERS, Runner, can_run, load_runner  # noqa: F401
+from edgevit.devices.runtimes import RUNNERS, Runner, load_runner  # noqa: F401

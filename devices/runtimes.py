@@ -135,11 +135,6 @@ RUNNERS: dict[str, Callable[..., Runner]] = {
 }
 
 
-def can_run(target: str) -> bool:
-    """Whether this machine can execute ``target`` artifacts (Core ML needs macOS)."""
-    return target != "coreml" or platform.system() == "Darwin"
-
-
 def load_runner(target: str, path: Path, threads: int | None = None) -> Runner:
     """The runner for ``target`` with the artifact at ``path`` loaded."""
     return RUNNERS[target](path, threads)

@@ -40,7 +40,6 @@ class Target:
     precisions: tuple[str, ...]
     default_precision: str
     accelerators: tuple[Accelerator, ...]  # the first is the default; pipelines come from the passes' wanted_by
-    verified_on_linux: bool  # the artifact's numbers are checked on Linux (Core ML: by the MIL reference executor)
     precision_notes: str = ""
 
     @property
@@ -104,7 +103,6 @@ TARGETS: dict[str, Target] = {
                 Accelerator("coreml", "Core ML execution provider (MLProgram)", 5,
                             "onnxruntime mobile usability checker (CoreML MLProgram)"),
             ),
-            verified_on_linux=True,
             precision_notes="fp16: float16 graph with fp32 inputs/outputs (onnxruntime float16 converter)",
         ),
         Target(
@@ -121,7 +119,6 @@ TARGETS: dict[str, Target] = {
                 Accelerator("ane", "Apple Neural Engine (ComputeUnit.ALL / CPU_AND_NE)", 5,
                             "ANE rules over the MIL program; MLComputePlan on macOS"),
             ),
-            verified_on_linux=True,
             precision_notes="fp16 is the ML Program default and the only precision the Neural Engine runs",
         ),
         Target(
@@ -140,7 +137,6 @@ TARGETS: dict[str, Target] = {
                             "TensorFlow Lite analyzer (gpu_compatibility) + rank<=4 / batch 1 scan"),
                 Accelerator("nnapi", "LiteRT NNAPI delegate", 4, "rank<=4 scan + NNAPI op list"),
             ),
-            verified_on_linux=True,
             precision_notes="fp16: float16 weights dequantized at load (ai-edge-quantizer float casting)",
         ),
         Target(
@@ -159,7 +155,6 @@ TARGETS: dict[str, Target] = {
                 Accelerator("npu", "OpenVINO NPU plugin (static shapes, f16)", None,
                             "Core.query_model if present + static-shape rules"),
             ),
-            verified_on_linux=True,
             precision_notes="fp16: IR weights compressed to float16; inference precision as OpenVINO reports it",
         ),
     )

@@ -124,16 +124,14 @@ def load_program(path: str | Path) -> MILProgram:
             inputs[key] = [Ref(v.name) for v in var] if isinstance(var, (list, tuple)) else Ref(var.name)
         steps.append(Step(op.op_type, op.name, inputs, [o.name for o in op.outputs],
                           [tuple(o.shape) for o in op.outputs]))
-    # inline const inputs (values bound directly in an op) are vars with a value but no producer
-    known = set(consts) | set(func.inputs)
-    for op in func.operations:
-        for var in op.outputs:
-            known.add(var.name)
-    for op in func.operations:
-        for var in op.inputs.values():
-            for v in (var if isinstance(var, (list, tuple)) else [var]):
-                if v.name not in known and v.val is not None:
-                    consts[v.name] = _as_array(v.val)
+    # the loader turns every bound value into a const op; a reference to nothing is a broken package
+    known = set(consts) | set(func.inputs) | {name for step in steps for name in step.outputs}
+    for step in steps:
+        for value in step.inputs.values():
+            for ref in value if isinstance(value, list) else [value]:
+                if ref.name not in known:
+                    raise UnsupportedOpError(f"{step.op_type} '{step.name}' in {path} reads '{ref.name}', "
+                                             "which nothing in the program produces")
     return MILProgram(
         source=str(path),
         inputs=list(func.inputs),

@@ -78,31 +78,39 @@ def _judge(step: Step, name: str, y32: np.ndarray, y16: np.ndarray) -> OpRangeIs
                         reasons)
 
 
-def fp16_range_report(program: MILProgram, inputs: list[np.ndarray]) -> dict[str, Any]:
-    """Run ``program`` on ``inputs`` and list the ops that overflow, underflow or lose precision in fp16."""
-    issues: list[OpRangeIssue] = []
-    checked = 0
+class Fp16RangeObserver:
+    """An executor observer (fp32 mode) that re-runs each op locally in fp16 and collects the issues;
+    pass it to ``MILExecutor.run(observer=...)`` to get the report from a run made anyway."""
 
-    def observe(step: Step, kwargs: dict[str, Any], outs: list[Any]) -> None:
-        nonlocal checked
+    def __init__(self) -> None:
+        self.issues: list[OpRangeIssue] = []
+        self.checked = 0
+
+    def __call__(self, step: Step, kwargs: dict[str, Any], outs: list[Any]) -> None:
         floats = [i for i, o in enumerate(outs) if isinstance(o, np.ndarray) and o.dtype.kind == "f"]
         if not floats:
             return
         with np.errstate(all="ignore"):
             local = OPS[step.op_type](**{k: _round_inputs(v) for k, v in kwargs.items()})
-        local = list(local) if isinstance(local, tuple) else [local]
-        for i in floats:
-            checked += 1
-            with np.errstate(all="ignore"):
+            local = list(local) if isinstance(local, tuple) else [local]
+            for i in floats:
+                self.checked += 1
                 issue = _judge(step, step.outputs[i], outs[i], round_fp16(_normalise(local[i])))
-            if issue:
-                issues.append(issue)
+                if issue:
+                    self.issues.append(issue)
 
+    def report(self) -> dict[str, Any]:
+        return {
+            "ops_checked": self.checked,
+            "rules": {"loss_tolerance": LOSS_TOLERANCE, "underflow_fraction": UNDERFLOW_FRACTION,
+                      "method": "each op run on its fp32 inputs rounded to fp16, output rounded to fp16"},
+            "issues": [i.to_dict() for i in self.issues],
+        }
+
+
+def fp16_range_report(program: MILProgram, inputs: list[np.ndarray]) -> dict[str, Any]:
+    """Run ``program`` on ``inputs`` and list the ops that overflow, underflow or lose precision in fp16."""
+    observer = Fp16RangeObserver()
     with np.errstate(all="ignore"):
-        MILExecutor(program, "fp32").run(inputs, observer=observe)
-    return {
-        "ops_checked": checked,
-        "rules": {"loss_tolerance": LOSS_TOLERANCE, "underflow_fraction": UNDERFLOW_FRACTION,
-                  "method": "each op run on its fp32 inputs rounded to fp16, output rounded to fp16"},
-        "issues": [i.to_dict() for i in issues],
-    }
+        MILExecutor(program, "fp32").run(inputs, observer=observer)
+    return observer.report()
