@@ -1,6 +1,7 @@
 """Core ML artifacts verified on Linux (issue 6's measured goals), with the MIL reference executor.
 
     python benchmarks/coreml_reference.py [--models all|a,b] [--precision fp32] [--json out.json]
+    python benchmarks/coreml_reference.py --from-junit zoo.xml   # the table of a `pytest --full-zoo` run
 
 1. Every zoo model (default: all of them, at their CI input size) is exported to Core ML in a child
    process (a converter crash or hang costs one row) and verified by `edgevit export`'s parity: the
@@ -37,17 +38,41 @@ def verify_rows(models: list[str], precision: str, out: Path) -> list[dict]:
                "seconds": round(time.perf_counter() - start, 1), "status": manifest["status"]}
         parity = manifest.get("parity") or {}
         row["verification"] = parity.get("verification") or manifest.get("error") or parity.get("detail")
-        for check in parity.get("checks") or []:
-            mode = "fp32" if "fp32 mode" in check["check"] else "fp16" if "fp16 mode" in check["check"] else "coreml"
-            row[f"{mode}_err_over_peak"] = check["max_err_over_peak"]
-            row[f"{mode}_cosine"] = check["cosine"]
-            row[f"{mode}_status"] = check["status"]
+        row.update(check_columns(parity.get("checks") or []))
         rng = parity.get("fp16_range") or {}
         row["fp16_range_issues"] = len(rng.get("issues", [])) if rng else None
         row["fp16_range_top"] = [f"{i['op_type']} {i['op']}: {', '.join(i['reasons'])}" for i in rng.get("issues", [])[:3]]
         row["versions"] = manifest.get("versions")
         rows.append(row)
         print(_line(row), flush=True)
+    return rows
+
+
+def check_columns(checks: list[dict]) -> dict:
+    """The table's columns from a parity report's checks (reference executor fp32/fp16 modes, Core ML)."""
+    row = {}
+    for check in checks:
+        mode = "fp32" if "fp32 mode" in check["check"] else "fp16" if "fp16 mode" in check["check"] else "coreml"
+        row[f"{mode}_err_over_peak"] = check["max_err_over_peak"]
+        row[f"{mode}_cosine"] = check["cosine"]
+        row[f"{mode}_status"] = check["status"]
+    return row
+
+
+def rows_from_junit(path: Path) -> list[dict]:
+    """The table from a `pytest --full-zoo --junitxml` run: the Core ML cells record their checks."""
+    import xml.etree.ElementTree as ET
+
+    rows = []
+    for case in ET.parse(path).iter("testcase"):
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        if "coreml_checks" not in props:
+            continue
+        failed = case.find("failure") is not None or case.find("error") is not None
+        row = {"model": props["model"], "input_size": int(props["coreml_input"]), "seconds": round(float(case.get("time", 0)), 1),
+               "status": "failed" if failed else "passed", "fp16_range_issues": int(props["fp16_range_ops"])}
+        row.update(check_columns(json.loads(props["coreml_checks"]) or []))
+        rows.append(row)
     return rows
 
 
@@ -92,15 +117,25 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--from-junit", type=Path, metavar="XML",
+                        help="print the table from `pytest --full-zoo --junitxml XML` instead of exporting")
     args = parser.parse_args()
     import edgevit
 
     models = edgevit.list_models() if args.models == "all" else args.models.split(",")
     print("| model | input | status | fp32 mode err/peak | fp16 mode err/peak | fp16 cosine | fp16 range ops | s |")
     print("|---|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = verify_rows(models, args.precision, Path(tmp))
-    speed = None if args.skip_speed else executor_speed(args.runs)
+    if args.from_junit:
+        rows = sorted(rows_from_junit(args.from_junit), key=lambda r: r["model"])
+        for row in rows:
+            print(_line(row))
+        if not rows:
+            print(f"error: no Core ML cell recorded its checks in {args.from_junit}", file=sys.stderr)
+            return 1
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = verify_rows(models, args.precision, Path(tmp))
+    speed = None if args.skip_speed or args.from_junit else executor_speed(args.runs)
     if speed:
         print(f"\nexecutor on mobilevit_v2_050 @256 ({speed['ops']} ops): fp32 mode median {speed['fp32']['median_s']:.2f} s, "
               f"fp16 mode median {speed['fp16']['median_s']:.2f} s (goal < 2 s)")

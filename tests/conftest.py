@@ -36,5 +36,17 @@ def max_rank() -> Callable[..., int]:
     return probe
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full-zoo", action="store_true",
+                     help="also run the tests marked full_zoo (every zoo model, not one per family; ~1 h)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # full_zoo tests repeat the per-family checks on every variant: too long for the 30-minute CI, so they
+    # run only when asked for (the nightly workflow, and before a release).
+    if not config.getoption("--full-zoo"):
+        deselected = [item for item in items if item.get_closest_marker("full_zoo")]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if not item.get_closest_marker("full_zoo")]
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)

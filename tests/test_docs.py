@@ -62,3 +62,23 @@ def passes_table_rows() -> list[str]:
 def test_readme_passes_table_matches_the_registry() -> None:
     rows = [line for line in _readme_block("passes-table").splitlines() if line.startswith("| ")][1:]
     assert rows == passes_table_rows()
+
+
+def test_workflows_run_tests_and_options_that_exist() -> None:
+    """The GitHub workflows name test files, pytest options and markers; a rename must not leave them
+    running nothing (pytest would exit 4 or 5 there, long after the change that broke them)."""
+    import tomllib
+
+    root = README.parent
+    markers = {m.split(":")[0] for m in tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]}
+    conftest = (root / "tests" / "conftest.py").read_text()
+    commands = [ln for wf in sorted((root / ".github" / "workflows").glob("*.yml"))
+                for ln in wf.read_text().splitlines() if "pytest " in ln and "run:" in ln]
+    assert any("--full-zoo" in c for c in commands), "the full-zoo cells run in no workflow"
+    for command in commands:
+        for path in re.findall(r"tests/\S+\.py", command):
+            assert (root / path).is_file(), f"{path} (in a workflow) does not exist"
+        for option in re.findall(r"(?<=\s)--[a-z][a-z-]+", command):
+            assert option in ("--junitxml",) or f'"{option}"' in conftest, f"unknown pytest option {option}"
+        for marker in re.findall(r"-m (\w+)", command):
+            assert marker in markers, f"marker {marker} is not registered"

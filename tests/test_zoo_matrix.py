@@ -1,6 +1,9 @@
 """Zoo-wide export matrix: the smallest model of every family x four targets, against KNOWN_FAILURES.
 
 The issue-2 families (vit, mobilevit_v2) are covered by test_export_matrix.py and are not repeated.
+With ``pytest --full-zoo`` every registered model (all variants, vit and mobilevit_v2 included) also
+gets its ONNX and Core ML cells (marker ``full_zoo``; ~1 h here, so not in the 30-minute CI run: the
+nightly workflow runs it). Each Core ML cell records its checks as junit properties.
 A cell listed in KNOWN_FAILURES must still fail (strict), so a fix forces the table to shrink. Listed
 cells run in a child process with a short budget, because converters that fail here may hang or crash;
 a fix that makes such a cell pass but slower than the budget still shows as an expected failure.
@@ -40,8 +43,8 @@ def test_known_failures_name_real_cells() -> None:
         assert model in edgevit.list_models() and target in TARGETS
 
 
-def check_cell(tmp_path, model: str, target: str) -> None:
-    """One cell: exports and passes parity (or still fails as KNOWN_FAILURES says)."""
+def check_cell(tmp_path, model: str, target: str):
+    """One cell: exports and passes parity (or still fails as KNOWN_FAILURES says). Returns the result."""
     info = model_info(model)
     expected = "passed"  # Core ML too: the MIL reference executor verifies it on Linux
     reason = KNOWN_FAILURES.get((model, target))
@@ -66,6 +69,7 @@ def check_cell(tmp_path, model: str, target: str) -> None:
 
         ranks = [p for p in tflite_coverage(result.artifact, "gpu").problems if p.startswith("rank>")]
         assert not ranks, ranks
+    return result
 
 
 # One class per model: with --dist loadscope each class is a unit of work, so the cells spread over the
@@ -88,6 +92,30 @@ def _model_class(model: str, targets: list[str]) -> type:
 # Generated from the targets table, so a new target gets its cells without an edit here.
 for _model in MODELS:
     _cls = _model_class(_model, list(TARGETS))
+    globals()[_cls.__name__] = _cls
+
+
+def _full_zoo_class(model: str) -> type:
+    @pytest.mark.full_zoo
+    class FullZooCells:
+        @pytest.mark.parametrize("target", ["onnx", "coreml"])  # onnx first: the Core ML cell cross-checks it
+        def test_cell(self, tmp_path, record_property, target: str) -> None:
+            result = check_cell(tmp_path, model, target)
+            if target == "coreml" and result is not None:
+                import json
+
+                # read by `benchmarks/coreml_reference.py --from-junit` to print the zoo table
+                record_property("model", model)
+                record_property("coreml_input", result.manifest["inputs"][0]["shape"][-1])
+                record_property("coreml_checks", json.dumps(result.parity.checks))
+                record_property("fp16_range_ops", len((result.parity.fp16_range or {}).get("issues", [])))
+
+    FullZooCells.__name__ = FullZooCells.__qualname__ = "TestFullZoo" + "".join(p.capitalize() for p in model.split("_"))
+    return FullZooCells
+
+
+for _model in edgevit.list_models():
+    _cls = _full_zoo_class(_model)
     globals()[_cls.__name__] = _cls
 
 
