@@ -66,12 +66,14 @@ def rows_from_junit(path: Path) -> list[dict]:
     rows = []
     for case in ET.parse(path).iter("testcase"):
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        if "coreml_checks" not in props:
+        if props.get("target") != "coreml":
             continue
         failed = case.find("failure") is not None or case.find("error") is not None
-        row = {"model": props["model"], "input_size": int(props["coreml_input"]), "seconds": round(float(case.get("time", 0)), 1),
-               "status": "failed" if failed else "passed", "fp16_range_issues": int(props["fp16_range_ops"])}
-        row.update(check_columns(json.loads(props["coreml_checks"]) or []))
+        status = "failed" if failed else "known failure" if case.find("skipped") is not None else "passed"
+        ops = props.get("fp16_range_ops")
+        row = {"model": props["model"], "input_size": int(props["input_size"]), "status": status,
+               "seconds": round(float(case.get("time", 0)), 1), "fp16_range_issues": None if ops is None else int(ops)}
+        row.update(check_columns(json.loads(props.get("coreml_checks") or "null") or []))
         rows.append(row)
     return rows
 

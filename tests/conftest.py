@@ -36,6 +36,29 @@ def max_rank() -> Callable[..., int]:
     return probe
 
 
+@pytest.fixture
+def executor_vs_onnxruntime() -> Callable[..., object]:
+    """``check(coreml_artifact, onnx_artifact, precision, seed=0)``: the MIL reference executor's fp32 run
+    of a Core ML package vs onnxruntime on an ONNX artifact of the same model, on one seeded input,
+    compared at ``precision``'s bound; returns the parity report. Two converters' outputs executed by two
+    independent engines: a shared mistake with PyTorch would have to be made twice."""
+
+    def check(coreml_artifact, onnx_artifact, precision: str, seed: int = 0):
+        import numpy as np
+
+        from edgevit.devices.mil import MILExecutor, load_program
+        from edgevit.devices.runtimes import load_runner
+        from edgevit.export.parity import compare
+
+        program = load_program(coreml_artifact)
+        runner = load_runner("onnx", onnx_artifact)
+        shape = runner.session.get_inputs()[0].shape
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        return compare([runner.run([x])], [MILExecutor(program, "fp32").run([x])], program.outputs, precision)
+
+    return check
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--full-zoo", action="store_true",
                      help="also run the tests marked full_zoo (every zoo model, not one per family; ~1 h)")

@@ -131,21 +131,11 @@ def test_inspect_coreml_prints_the_fp16_range_report(matrix, monkeypatch) -> Non
 
 
 @pytest.mark.parametrize("model", MATRIX_MODELS)
-def test_coreml_executor_agrees_with_onnxruntime(matrix, model: str) -> None:
+def test_coreml_executor_agrees_with_onnxruntime(matrix, executor_vs_onnxruntime, model: str) -> None:
     """Cross-check of the default (fp16) Core ML package: the executor's fp32 mode vs onnxruntime on
     the matrix's ONNX artifact of the same model, at the fp16 bound (the package's weights are fp16).
     The fp32-bound cross-check of every family is in test_zoo_matrix.py."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from edgevit.devices.mil import MILExecutor, load_program
-    from edgevit.export.parity import compare
-
     coreml, onnx = matrix[model, "coreml"], matrix[model, "onnx"]
     assert not isinstance(coreml, Exception) and not isinstance(onnx, Exception)
-    session = ort.InferenceSession(str(onnx.artifact), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(3).standard_normal(coreml.manifest["inputs"][0]["shape"]).astype(np.float32)
-    ort_out = [np.asarray(o) for o in session.run(None, {session.get_inputs()[0].name: x})]
-    report = compare([ort_out], [MILExecutor(load_program(coreml.artifact)).run([x])],
-                     [o.name for o in session.get_outputs()], "fp16")
+    report = executor_vs_onnxruntime(coreml.artifact, onnx.artifact, "fp16", seed=3)
     assert report.status == "passed", report.to_dict()

@@ -43,8 +43,9 @@ def test_known_failures_name_real_cells() -> None:
         assert model in edgevit.list_models() and target in TARGETS
 
 
-def check_cell(tmp_path, model: str, target: str):
-    """One cell: exports and passes parity (or still fails as KNOWN_FAILURES says). Returns the result."""
+def check_cell(tmp_path, model: str, target: str, cross_check, on_result=None) -> None:
+    """One cell: exports and passes parity (or still fails as KNOWN_FAILURES says). ``cross_check`` is the
+    executor_vs_onnxruntime fixture; ``on_result(result)`` sees the export before any assertion."""
     info = model_info(model)
     expected = "passed"  # Core ML too: the MIL reference executor verifies it on Linux
     reason = KNOWN_FAILURES.get((model, target))
@@ -58,18 +59,25 @@ def check_cell(tmp_path, model: str, target: str):
     precision = "fp32" if target == "coreml" else None
     result = edgevit.export_model(model, target=target, out=tmp_path, input_size=info.test_input_size,
                                   precision=precision)
+    if on_result:
+        on_result(result)
     assert result.parity.status == expected, result.parity.to_dict()
     assert result.manifest["passes"]["parity_cost"]["graph_max_abs_change"] <= 1e-4 * _peak(result)
     if target == "onnx":
         _ONNX_ARTIFACTS[model] = result.artifact
     if target == "coreml":
-        cross_validate_with_onnxruntime(tmp_path, model, result, info.test_input_size)
+        # the executor's fp32 run vs onnxruntime on this model's ONNX artifact, at the fp32 bound
+        onnx_artifact = _ONNX_ARTIFACTS.get(model)
+        if onnx_artifact is None:  # no onnx cell ran in this process: convert the raw capture (no passes, quick)
+            onnx_artifact = edgevit.export_model(model, target="onnx", out=tmp_path / "onnx", verify=False,
+                                                 input_size=info.test_input_size, passes="none").artifact
+        report = cross_check(result.artifact, onnx_artifact, result.manifest["precision"], seed=7)
+        assert report.status == "passed", report.to_dict()
     if target == "tflite":  # the rank passes are in every pipeline: no tensor above rank 4 (GPU/NNAPI limit)
         from edgevit.devices.coverage import tflite_coverage
 
         ranks = [p for p in tflite_coverage(result.artifact, "gpu").problems if p.startswith("rank>")]
         assert not ranks, ranks
-    return result
 
 
 # One class per model: with --dist loadscope each class is a unit of work, so the cells spread over the
@@ -79,14 +87,31 @@ MODELS = sorted({m for m, _ in CELLS})
 _ONNX_ARTIFACTS: dict[str, object] = {}  # model -> ONNX artifact exported by this process's onnx cell
 
 
-def _model_class(model: str, targets: list[str]) -> type:
+def _model_class(model: str, targets: list[str], prefix: str = "Test") -> type:
     class ModelCells:
         @pytest.mark.parametrize("target", targets)
-        def test_cell(self, tmp_path, target: str) -> None:
-            check_cell(tmp_path, model, target)
+        def test_cell(self, tmp_path, record_property, executor_vs_onnxruntime, target: str) -> None:
+            # read by `benchmarks/coreml_reference.py --from-junit` to print the zoo table; recorded before
+            # the assertions, so a failing model is a failed row, not a missing one
+            info = model_info(model)
+            record_property("model", model)
+            record_property("target", target)
+            record_property("input_size", info.test_input_size or info.input_size)
+            check_cell(tmp_path, model, target, executor_vs_onnxruntime,
+                       on_result=_recorder(record_property) if target == "coreml" else None)
 
-    ModelCells.__name__ = ModelCells.__qualname__ = "Test" + "".join(p.capitalize() for p in model.split("_"))
+    ModelCells.__name__ = ModelCells.__qualname__ = prefix + "".join(p.capitalize() for p in model.split("_"))
     return ModelCells
+
+
+def _recorder(record_property):
+    def record(result) -> None:
+        import json
+
+        record_property("coreml_checks", json.dumps(result.parity.checks))
+        record_property("fp16_range_ops", len((result.parity.fp16_range or {}).get("issues", [])))
+
+    return record
 
 
 # Generated from the targets table, so a new target gets its cells without an edit here.
@@ -94,53 +119,10 @@ for _model in MODELS:
     _cls = _model_class(_model, list(TARGETS))
     globals()[_cls.__name__] = _cls
 
-
-def _full_zoo_class(model: str) -> type:
-    @pytest.mark.full_zoo
-    class FullZooCells:
-        @pytest.mark.parametrize("target", ["onnx", "coreml"])  # onnx first: the Core ML cell cross-checks it
-        def test_cell(self, tmp_path, record_property, target: str) -> None:
-            result = check_cell(tmp_path, model, target)
-            if target == "coreml" and result is not None:
-                import json
-
-                # read by `benchmarks/coreml_reference.py --from-junit` to print the zoo table
-                record_property("model", model)
-                record_property("coreml_input", result.manifest["inputs"][0]["shape"][-1])
-                record_property("coreml_checks", json.dumps(result.parity.checks))
-                record_property("fp16_range_ops", len((result.parity.fp16_range or {}).get("issues", [])))
-
-    FullZooCells.__name__ = FullZooCells.__qualname__ = "TestFullZoo" + "".join(p.capitalize() for p in model.split("_"))
-    return FullZooCells
-
-
+# --full-zoo: every registered model's ONNX and Core ML cells (onnx first: the Core ML cell cross-checks it)
 for _model in edgevit.list_models():
-    _cls = _full_zoo_class(_model)
+    _cls = pytest.mark.full_zoo(_model_class(_model, ["onnx", "coreml"], prefix="TestFullZoo"))
     globals()[_cls.__name__] = _cls
-
-
-def cross_validate_with_onnxruntime(tmp_path, model: str, result, input_size: int | None) -> None:
-    """The executor's fp32 run of the Core ML program agrees with onnxruntime on the same model's ONNX
-    artifact (fp32 bound): two independent executions of two converters' output, so neither the
-    executor nor a converter can be wrong in the same way as PyTorch unnoticed."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from edgevit.devices.mil import MILExecutor, load_program
-    from edgevit.export.parity import compare
-
-    artifact = _ONNX_ARTIFACTS.get(model)
-    if artifact is None:  # no onnx cell ran in this process: convert the raw capture (no passes, quick)
-        artifact = edgevit.export_model(model, target="onnx", out=tmp_path / "onnx", input_size=input_size,
-                                        verify=False, passes="none").artifact
-    session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
-    shape = result.manifest["inputs"][0]["shape"]
-    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
-    ort_out = session.run(None, {session.get_inputs()[0].name: x})
-    mil_out = MILExecutor(load_program(result.artifact), "fp32").run([x])
-    names = [o.name for o in session.get_outputs()]
-    report = compare([[np.asarray(o) for o in ort_out]], [mil_out], names, result.manifest["precision"])
-    assert report.status == "passed", report.to_dict()
 
 
 def _peak(result) -> float:
