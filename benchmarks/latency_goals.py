@@ -1,13 +1,14 @@
 """The latency goals of the harness (issue 5), measured with ``edgevit bench`` and checked.
 
-    python benchmarks/latency_goals.py [--out bench-goals] [--runs 60] [--rounds 10] [--json]
+    python benchmarks/latency_goals.py [--out bench-goals] [--runs 60] [--rounds 10] [--bf16] [--ceiling] [--json]
 
 1. DeiT-Tiny at 224 and MobileViT-v2-0.5 at 256, fp32, batch 1, every CPU runtime here: the fastest
    runtime beats PyTorch eager by >= 2x (interleaved median ratio);
 2. DeiT-Tiny's fastest fp32 runtime is within 1.5x of the fp32 GEMM bound measured in the same run;
 3. repeatability: the same bench run twice back to back; each configuration's medians agree within
    10 % (or the row says noisy). The second run reuses the cached exports, so it only measures;
-4. with ``--bf16``, a bf16 run (OpenVINO's bf16 hint, eager in bf16) against its own bf16 GEMM bound.
+4. with ``--bf16``, a bf16 run (OpenVINO's bf16 hint, eager in bf16) against its own bf16 GEMM bound;
+5. with ``--ceiling``, reported: DeiT-Tiny's speed-up ceiling per runtime (benchmarks/speedup_ceiling.py).
 
 Exit code 0 when every goal holds, 1 otherwise; a goal table (or JSON) on stdout.
 """
@@ -79,12 +80,30 @@ def goals(first: dict, second: dict) -> list[dict]:
     return checks
 
 
+def ceiling(out: Path, runs: int, rounds: int) -> list[dict]:
+    """Reported, not a goal: per runtime, DeiT-Tiny's achieved speed-up and its linear-floor ceiling."""
+    script = Path(__file__).with_name("speedup_ceiling.py")
+    result = out / "result.json"
+    subprocess.run([sys.executable, str(script), "--model", "deit_tiny", "--runs", str(runs), "--rounds", str(rounds),
+                    "--out", str(out), "--json", str(result)], stdout=subprocess.DEVNULL, check=False)
+    if not result.exists():
+        return [{"goal": "deit_tiny speed-up ceiling (reported)", "ok": False, "figure": "speedup_ceiling.py failed"}]
+    figures = [f"{r['device']} achieved {r['achieved']['median']:.2f}x, ceiling {r['ceiling']['median']:.2f}x "
+               f"(GEMMs {r['gemm_share']:.0%} of its time)"
+               for r in json.loads(result.read_text())["rows"] if r.get("achieved") and r.get("ceiling")
+               and r["device"] != "torch:eager"]
+    return [{"goal": "deit_tiny speed-up ceiling = eager / runtime's linear floor (reported)", "ok": True,
+             "figure": "; ".join(figures)}]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-goals"))
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--bf16", action="store_true", help="Also run the bf16 bench against its own GEMM bound.")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="Also run benchmarks/speedup_ceiling.py on deit_tiny: the speed-up each runtime could reach.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     first = bench(args.out / "run1", args.runs, args.rounds)
@@ -99,6 +118,8 @@ def main() -> int:
                                "figure": f"{row['summary']['median_ms']:.2f} ms, runtime precision "
                                f"{row['runtime_info'].get('precision')}, {roof.get('median_over_bound', float('nan')):.2f}x "
                                f"its bf16 GEMM bound"})
+    if args.ceiling:
+        checks += ceiling(args.out / "ceiling", args.runs, args.rounds)
     if args.json:
         print(json.dumps(checks, indent=2))
     else:

@@ -221,7 +221,10 @@ class CoreMLSession(Session):
 
 
 class TorchEagerSession(Session):
-    """The PyTorch eager baseline: the zoo model rebuilt here (same name, input size and seed)."""
+    """The PyTorch eager baseline: the zoo model rebuilt here (same name, input size and seed).
+
+    Option ``floor: "linear"`` times the model's linear floor instead (its Linear layers alone).
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
@@ -233,6 +236,10 @@ class TorchEagerSession(Session):
         opts = self.options
         subject = _prepare_subject(opts["model"], None, opts.get("input_size"), None, int(opts.get("seed", 0)))
         self.model = subject.model
+        if opts.get("floor") == "linear":  # the model's Linear layers alone (devices/floor.py)
+            from edgevit.devices.floor import linear_floor
+
+            self.model = linear_floor(subject.model, subject.example_inputs, int(opts.get("seed", 0)))
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.get("precision", "fp32")]
         if self.dtype != torch.float32:
             self.model = self.model.to(self.dtype)

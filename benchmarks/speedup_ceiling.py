@@ -1,0 +1,180 @@
+"""How far can a runtime beat PyTorch eager on a model? Its matrix multiplies say (devices/floor.py).
+
+    python benchmarks/speedup_ceiling.py [--model deit_tiny] [--runs 60] [--rounds 12] [--out DIR] [--json PATH]
+
+One interleaved harness run (each configuration in its own process) of, for PyTorch eager and every
+available CPU runtime: the whole model, and the model's *linear floor* (its Linear layers alone, same
+shapes, same order, exported through the same pipeline). Per runtime it reports:
+
+- achieved: eager(model) / runtime(model), the bench's speed-up;
+- ceiling: eager(model) / runtime(linear floor), the speed-up that runtime would reach if every op but
+  its GEMMs were free; a goal above the best ceiling cannot be met by any runtime here;
+- GEMM share: runtime(linear floor) / runtime(model), from the two medians.
+
+All ratios are interleaved median ratios with the smallest and largest per-round ratio. The JSON file
+carries every measurement and the tool versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def export_floor(model: str, device: str, where: Path, timeout_s: float = 1800) -> str:
+    """The linear floor of ``model`` exported for ``device`` in a child process (converters crash and
+    print); the artifact path. A failed export is a one-line SystemExit."""
+    cmd = [sys.executable, __file__, "--model", model, "--export-floor", device, "--out", str(where)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"linear floor export for {device} timed out after {timeout_s:.0f} s") from None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not Path(lines[-1]).exists():
+        reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise SystemExit(f"linear floor export for {device} failed: {reason}")
+    return lines[-1]
+
+
+def _export_floor_here(model: str, device_name: str, where: Path) -> None:
+    """The child's side: export (fp32, parity-checked) and print the artifact path last."""
+    from edgevit.devices.floor import linear_floor
+    from edgevit.devices.table import get_device
+
+    from edgevit.api import _prepare_subject, export_model
+
+    device = get_device(device_name)
+    subject = _prepare_subject(model, None, None, None, 0)
+    chain = linear_floor(subject.model, subject.example_inputs)
+    result = export_model(chain, (chain.example_input(),), target=device.target, out=where,
+                          precision=device.export_precision("fp32"), accelerator=device.accelerator,
+                          name=f"{model}_linear_floor", latency_runs=0)
+    print(result.artifact)
+
+
+def floor_inputs(model: str, where: Path) -> Path:
+    from edgevit.devices.floor import linear_floor
+
+    from edgevit.api import _prepare_subject
+
+    subject = _prepare_subject(model, None, None, None, 0)
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / f"{model}-linear-floor.npz"
+    np.savez(path, linear_floor(subject.model, subject.example_inputs).example_input().numpy())
+    return path
+
+
+def configs(model: str, out: Path, threads: int | None) -> list[Any]:
+    from edgevit.devices.bench import BenchOptions, _save_inputs, export_cached
+    from edgevit.devices.harness import Config
+    from edgevit.devices.table import resolve_devices
+
+    from edgevit.registry import model_info
+
+    opts = BenchOptions(models=[model], out=out, threads=threads)
+    size = model_info(model).input_size
+    model_inputs, _ = _save_inputs(model, size, out / "inputs")
+    chain_inputs = floor_inputs(model, out / "inputs")
+    result = []
+    for device in resolve_devices("cpu"):
+        for kind, inputs in (("model", model_inputs), ("linear floor", chain_inputs)):
+            options = device.worker_options("fp32")
+            if device.target is None:
+                artifact = None
+                options |= {"model": model, "input_size": size, "seed": 0}
+                options |= {"floor": "linear"} if kind == "linear floor" else {}
+            elif kind == "model":
+                print(f"  export {model} -> {device.name} (cached after the first run)", file=sys.stderr)
+                artifact = export_cached(model, size, device, device.export_precision("fp32"), opts)["artifact_path"]
+            else:
+                print(f"  export {model} linear floor -> {device.name}", file=sys.stderr)
+                artifact = export_floor(model, device.name, out / "floor" / device.name.replace(":", "-"))
+            worker = {"runtime": device.runtime, "artifact": artifact, "inputs": str(inputs), "threads": threads,
+                      "options": options}
+            result.append(Config(f"{device.name} {kind}", worker, {"device": device.name, "kind": kind}))
+    return result
+
+
+def summarise(measured: list[Any]) -> list[dict[str, Any]]:
+    from edgevit.devices import stats
+
+    by = {(m.meta["device"], m.meta["kind"]): m for m in measured if m.ok}
+    eager = by.get(("torch:eager", "model"))
+    if eager is None:
+        raise SystemExit("PyTorch eager did not run; no ratios")
+    rows = []
+    for device in dict.fromkeys(m.meta["device"] for m in measured):
+        full, floor = by.get((device, "model")), by.get((device, "linear floor"))
+        row: dict[str, Any] = {"device": device}
+        if full:
+            row["model_ms"] = full.summary().median_ms
+            row["achieved"] = stats.interleaved_ratio(eager.rounds, full.rounds).to_dict()
+        if floor:
+            row["floor_ms"] = floor.summary().median_ms
+            row["ceiling"] = stats.interleaved_ratio(eager.rounds, floor.rounds).to_dict()
+        if full and floor:
+            row["gemm_share"] = row["floor_ms"] / row["model_ms"]
+        rows.append(row)
+    return rows
+
+
+def _ratio(r: dict[str, float] | None) -> str:
+    return f"{r['median']:.2f}x [{r['low']:.2f}-{r['high']:.2f}]" if r else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_tiny")
+    parser.add_argument("--runs", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench-ceiling"))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--export-floor", metavar="DEVICE", help=argparse.SUPPRESS)  # the child of export_floor
+    args = parser.parse_args()
+    if args.export_floor:
+        _export_floor_here(args.model, args.export_floor, args.out)
+        return 0
+
+    from edgevit.devices.bench import _ALL_PACKAGES, _machine, _versions
+    from edgevit.devices.floor import adapters, record_linear_calls
+    from edgevit.devices.harness import Protocol, measure
+
+    from edgevit.api import _prepare_subject
+
+    subject = _prepare_subject(args.model, None, None, None, 0)
+    calls = record_linear_calls(subject.model.eval(), subject.example_inputs)
+    measured = measure(configs(args.model, args.out, args.threads), Protocol(runs=args.runs, rounds=args.rounds),
+                       lambda msg: print(f"  {msg}", file=sys.stderr))
+    rows = summarise(measured)
+    gmacs = sum(c.macs for c in calls) / 1e9
+    print(f"{args.model}: {len(calls)} Linear calls, {gmacs:.3f} GMACs, {adapters(calls)} slice/tile steps in the chain")
+    print("| runtime | model ms | linear floor ms | GEMM share | achieved vs eager | ceiling vs eager |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['device']} | {r.get('model_ms', float('nan')):.2f} | {r.get('floor_ms', float('nan')):.2f} | "
+              f"{r.get('gemm_share', float('nan')):.0%} | {_ratio(r.get('achieved'))} | {_ratio(r.get('ceiling'))} |")
+    for m in measured:
+        if not m.ok:
+            print(f"{m.label}: {m.status}: {m.detail}")
+    if args.json:
+        doc = {"model": args.model, "linear_calls": len(calls), "linear_gmacs": gmacs, "machine": _machine(),
+               "versions": _versions(_ALL_PACKAGES), "rows": rows, "measurements": [m.to_dict() for m in measured]}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    from edgevit.errors import EdgevitError
+
+    try:
+        sys.exit(main())
+    except EdgevitError as exc:  # e.g. an unknown model: one line, no traceback
+        sys.exit(f"error: {exc}")

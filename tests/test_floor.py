@@ -1,0 +1,80 @@
+"""The linear floor (devices/floor.py): the model's Linear calls, recorded and replayed as one chain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgevit.api import _prepare_subject
+from edgevit.devices.floor import LinearCall, LinearChain, _fit, adapters, linear_floor, record_linear_calls
+from edgevit.devices.worker import Worker
+
+
+def test_deit_tiny_linear_calls_are_its_blocks_and_head() -> None:
+    subject = _prepare_subject("deit_tiny", None, None, None, 0)
+    calls = record_linear_calls(subject.model.eval(), subject.example_inputs)
+    # 12 blocks of qkv, proj, fc1, fc2 on 197 tokens (196 patches + cls), then the head on the cls token.
+    block = [LinearCall(197, 192, 576, True), LinearCall(197, 192, 192, True),
+             LinearCall(197, 192, 768, True), LinearCall(197, 768, 192, True)]
+    assert calls == block * 12 + [LinearCall(1, 192, 1000, True)]
+    assert sum(c.macs for c in calls) == 12 * 197 * 192 * (576 + 192 + 768 + 768) + 192 * 1000
+    # slicing qkv's 576 outputs to proj's 192 inputs (12x), and the 197 tokens to the head's one row
+    assert adapters(calls) == 13
+
+
+def test_the_chain_replays_the_same_calls() -> None:
+    subject = _prepare_subject("deit_tiny", None, None, None, 0)
+    chain = linear_floor(subject.model, subject.example_inputs)
+    x = chain.example_input()
+    assert x.shape == (1, 197, 192)
+    assert record_linear_calls(chain, (x,)) == chain.calls
+    with torch.no_grad():
+        assert chain(x).shape == (1, 1, 1000)
+    again = linear_floor(subject.model, subject.example_inputs)
+    assert torch.equal(again.layers[0].weight, chain.layers[0].weight)  # seeded
+
+
+def test_fit_slices_and_tiles() -> None:
+    x = torch.arange(6.0).reshape(1, 2, 3)
+    assert torch.equal(_fit(x, 1, 2), x[:, :1, :2])
+    tiled = _fit(x, 3, 5)
+    assert tiled.shape == (1, 3, 5)
+    assert torch.equal(tiled[0, :, :3], torch.cat([x[0], x[0, :1]]))  # rows wrap around
+    assert torch.equal(tiled[0, 0, 3:], x[0, 0, :2])  # features wrap around
+    assert _fit(x, 2, 3) is x
+
+
+def test_a_growing_chain_tiles_between_calls() -> None:
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4, bias=False), nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.cat([self.a(x)] * 4, dim=-1).repeat(1, 3, 1))
+
+    calls = record_linear_calls(Toy(), (torch.randn(1, 5, 8),))
+    assert calls == [LinearCall(5, 8, 4, False), LinearCall(15, 16, 2, True)]
+    assert adapters(calls) == 2
+    chain = LinearChain(calls)
+    assert chain(chain.example_input()).shape == (1, 15, 2)
+
+
+def test_a_model_without_linear_layers_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        record_linear_calls(nn.Conv2d(3, 4, 1), (torch.randn(1, 3, 8, 8),))
+
+
+def test_the_eager_worker_times_the_floor_on_request(tmp_path) -> None:
+    import numpy as np
+
+    subject = _prepare_subject("efficientvit_m0", None, 64, None, 0)
+    chain = linear_floor(subject.model, subject.example_inputs)
+    inputs = tmp_path / "x.npz"
+    np.savez(inputs, chain.example_input().numpy())
+    worker = Worker()
+    worker.load({"runtime": "torch", "inputs": str(inputs), "threads": 1,
+                 "options": {"model": "efficientvit_m0", "input_size": 64, "floor": "linear"}})
+    assert isinstance(worker.session.model, LinearChain) and worker.session.model.calls == chain.calls
+    assert len(worker.run(2)["times_ms"]) == 2
