@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,49 +27,44 @@ import numpy as np
 
 
 def export_floor(model: str, device: str, where: Path, timeout_s: float = 1800) -> str:
-    """The linear floor of ``model`` exported for ``device`` in a child process (converters crash and
-    print); the artifact path. A failed export is a one-line SystemExit."""
+    """The linear floor of ``model`` exported for ``device`` in a child process (a converter that crashes
+    or hangs costs a one-line error, as in ``edgevit bench``); the artifact path."""
+    from edgevit.export.isolated import run_export_child
+
     cmd = [sys.executable, __file__, "--model", model, "--export-floor", device, "--out", str(where)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"linear floor export for {device} timed out after {timeout_s:.0f} s") from None
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines or not Path(lines[-1]).exists():
-        reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        raise SystemExit(f"linear floor export for {device} failed: {reason}")
-    return lines[-1]
+    row = run_export_child(cmd, f"{model} linear floor", device, timeout_s)
+    if row.get("status") != "passed":
+        raise SystemExit(f"error: linear floor export for {device}: {row.get('error') or row.get('status')}")
+    return row["artifact_path"]
 
 
 def _export_floor_here(model: str, device_name: str, where: Path) -> None:
-    """The child's side: export (fp32, parity-checked) and print the artifact path last."""
-    from edgevit.devices.floor import linear_floor
+    """The child's side: export (fp32, parity-checked); its row as JSON on stdout, converters' prints on stderr."""
     from edgevit.devices.table import get_device
 
-    from edgevit.api import _prepare_subject, export_model
+    from edgevit.api import export_model
+    from edgevit.cli import _StdoutToStderr
 
     device = get_device(device_name)
-    subject = _prepare_subject(model, None, None, None, 0)
-    chain = linear_floor(subject.model, subject.example_inputs)
-    result = export_model(chain, (chain.example_input(),), target=device.target, out=where,
-                          precision=device.export_precision("fp32"), accelerator=device.accelerator,
-                          name=f"{model}_linear_floor", latency_runs=0)
-    print(result.artifact)
+    chain = model_floor(model)
+    with _StdoutToStderr():
+        result = export_model(chain, (chain.example_input(),), target=device.target, out=where,
+                              precision=device.export_precision("fp32"), accelerator=device.accelerator,
+                              name=f"{model}_linear_floor", latency_runs=0)
+    print(json.dumps([{"status": result.parity.status, "artifact_path": str(result.artifact)}]))
 
 
-def floor_inputs(model: str, where: Path) -> Path:
+def model_floor(model: str) -> Any:
+    """The zoo model's LinearChain, at its default input size and seed 0 (as the eager worker builds it)."""
     from edgevit.devices.floor import linear_floor
 
     from edgevit.api import _prepare_subject
 
     subject = _prepare_subject(model, None, None, None, 0)
-    where.mkdir(parents=True, exist_ok=True)
-    path = where / f"{model}-linear-floor.npz"
-    np.savez(path, linear_floor(subject.model, subject.example_inputs).example_input().numpy())
-    return path
+    return linear_floor(subject.model, subject.example_inputs)
 
 
-def configs(model: str, out: Path, threads: int | None) -> list[Any]:
+def configs(model: str, chain: Any, out: Path, threads: int | None) -> list[Any]:
     from edgevit.devices.bench import BenchOptions, _save_inputs, export_cached
     from edgevit.devices.harness import Config
     from edgevit.devices.table import resolve_devices
@@ -80,7 +74,8 @@ def configs(model: str, out: Path, threads: int | None) -> list[Any]:
     opts = BenchOptions(models=[model], out=out, threads=threads)
     size = model_info(model).input_size
     model_inputs, _ = _save_inputs(model, size, out / "inputs")
-    chain_inputs = floor_inputs(model, out / "inputs")
+    chain_inputs = out / "inputs" / f"{model}-linear-floor.npz"
+    np.savez(chain_inputs, chain.example_input().numpy())
     result = []
     for device in resolve_devices("cpu"):
         for kind, inputs in (("model", model_inputs), ("linear floor", chain_inputs)):
@@ -91,8 +86,11 @@ def configs(model: str, out: Path, threads: int | None) -> list[Any]:
                 options |= {"floor": "linear"} if kind == "linear floor" else {}
             elif kind == "model":
                 print(f"  export {model} -> {device.name} (cached after the first run)", file=sys.stderr)
-                artifact = export_cached(model, size, device, device.export_precision("fp32"), opts)["artifact_path"]
-            else:
+                exported = export_cached(model, size, device, device.export_precision("fp32"), opts)
+                if "artifact_path" not in exported:
+                    raise SystemExit(f"error: export {model} -> {device.name}: {exported.get('error')}")
+                artifact = exported["artifact_path"]
+            else:  # a chain of Linears: converts in seconds, so not cached
                 print(f"  export {model} linear floor -> {device.name}", file=sys.stderr)
                 artifact = export_floor(model, device.name, out / "floor" / device.name.replace(":", "-"))
             worker = {"runtime": device.runtime, "artifact": artifact, "inputs": str(inputs), "threads": threads,
@@ -143,14 +141,12 @@ def main() -> int:
         return 0
 
     from edgevit.devices.bench import _ALL_PACKAGES, _machine, _versions
-    from edgevit.devices.floor import adapters, record_linear_calls
+    from edgevit.devices.floor import adapters
     from edgevit.devices.harness import Protocol, measure
 
-    from edgevit.api import _prepare_subject
-
-    subject = _prepare_subject(args.model, None, None, None, 0)
-    calls = record_linear_calls(subject.model.eval(), subject.example_inputs)
-    measured = measure(configs(args.model, args.out, args.threads), Protocol(runs=args.runs, rounds=args.rounds),
+    chain = model_floor(args.model)
+    calls = chain.calls
+    measured = measure(configs(args.model, chain, args.out, args.threads), Protocol(runs=args.runs, rounds=args.rounds),
                        lambda msg: print(f"  {msg}", file=sys.stderr))
     rows = summarise(measured)
     gmacs = sum(c.macs for c in calls) / 1e9
