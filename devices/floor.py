@@ -1,4 +1,5 @@
-"""A model's matrix-multiply floor: its Linear layers alone, at the shapes and in the order they run.
+"""A model's matrix-multiply floor: its Linear layers alone, at the shapes and in the order they run
+in the exported artifact (after the export passes).
 
 Why: no runtime runs a model faster than it runs that model's own matrix multiplies. Timing this chain
 in each runtime, interleaved with the whole model and with PyTorch eager, tells two things the
@@ -57,6 +58,29 @@ def record_linear_calls(model: nn.Module, example_inputs: Sequence[torch.Tensor]
     return calls
 
 
+def exported_linear_calls(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                          passes: Sequence[str] | None = None) -> list[LinearCall]:
+    """The Linear calls of ``model``'s captured graph after ``passes`` (default: the onnx:cpu pipeline,
+    whose shape-changing passes every CPU target shares), in graph order.
+
+    Why not the module's own calls: a pass can drop rows (``sink_slices`` runs DeiT-Tiny's last block
+    for the class token only), and a floor above what the artifact computes is no floor.
+    """
+    from edgevit.export.passes import default_pipeline, run_pipeline
+
+    names = default_pipeline("onnx", "cpu") if passes is None else passes
+    graph = run_pipeline(model.eval(), tuple(example_inputs), names).program.graph
+    calls = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+            x, weight = node.args[0].meta["val"], node.args[1].meta["val"]
+            bias = len(node.args) > 2 and node.args[2] is not None
+            calls.append(LinearCall(math.prod(x.shape[:-1]), weight.shape[1], weight.shape[0], bias))
+    if not calls:
+        raise ValueError(f"{type(model).__name__} calls no nn.Linear: it has no linear floor")
+    return calls
+
+
 def _fit(x: torch.Tensor, rows: int, features: int) -> torch.Tensor:
     """``x`` (1, r, f) sliced, or tiled then sliced, to (1, rows, features)."""
     _, r, f = x.shape
@@ -98,5 +122,5 @@ class LinearChain(nn.Module):
 
 
 def linear_floor(model: nn.Module, example_inputs: Sequence[torch.Tensor], seed: int = 0) -> LinearChain:
-    """The :class:`LinearChain` of ``model``'s Linear calls on ``example_inputs`` (eval mode)."""
-    return LinearChain(record_linear_calls(model.eval(), example_inputs), seed).eval()
+    """The :class:`LinearChain` of the Linear calls ``model``'s exported CPU artifacts run."""
+    return LinearChain(exported_linear_calls(model, example_inputs), seed).eval()

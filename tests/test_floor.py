@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 from edgevit.api import _prepare_subject
-from edgevit.devices.floor import LinearCall, LinearChain, _fit, adapters, linear_floor, record_linear_calls
+from edgevit.devices.floor import (
+    LinearCall,
+    LinearChain,
+    _fit,
+    adapters,
+    exported_linear_calls,
+    linear_floor,
+    record_linear_calls,
+)
 from edgevit.devices.worker import Worker
 
 
@@ -23,6 +31,21 @@ def test_deit_tiny_linear_calls_are_its_blocks_and_head() -> None:
     assert adapters(calls) == 13
 
 
+def test_the_floor_is_what_the_exported_graph_runs() -> None:
+    """sink_slices runs DeiT-Tiny's last proj, fc1 and fc2 on the class token alone; qkv keeps every row
+    (keys and values need them). The floor follows: 196 x 331,776 MACs fewer."""
+    subject = _prepare_subject("deit_tiny", None, None, None, 0)
+    calls = exported_linear_calls(subject.model, subject.example_inputs)
+    block = [LinearCall(197, 192, 576, True), LinearCall(197, 192, 192, True),
+             LinearCall(197, 192, 768, True), LinearCall(197, 768, 192, True)]
+    last = [LinearCall(197, 192, 576, True), LinearCall(1, 192, 192, True),
+            LinearCall(1, 192, 768, True), LinearCall(1, 768, 192, True)]
+    assert calls == block * 11 + last + [LinearCall(1, 192, 1000, True)]
+    assert sum(c.macs for c in calls) == 1_045_949_952 - 196 * 331_776
+    assert exported_linear_calls(subject.model, subject.example_inputs, []) == record_linear_calls(
+        subject.model, subject.example_inputs)
+
+
 def test_the_chain_replays_the_same_calls() -> None:
     subject = _prepare_subject("deit_tiny", None, None, None, 0)
     chain = linear_floor(subject.model, subject.example_inputs)
@@ -31,7 +54,7 @@ def test_the_chain_replays_the_same_calls() -> None:
     assert record_linear_calls(chain, (x,)) == chain.calls
     with torch.no_grad():
         assert chain(x).shape == (1, 1, 1000)
-    again = linear_floor(subject.model, subject.example_inputs)
+    again = LinearChain(chain.calls)
     assert torch.equal(again.layers[0].weight, chain.layers[0].weight)  # seeded
 
 
@@ -70,7 +93,9 @@ def test_the_eager_worker_times_the_floor_on_request(tmp_path) -> None:
     import numpy as np
 
     subject = _prepare_subject("efficientvit_m0", None, 64, None, 0)
-    chain = linear_floor(subject.model, subject.example_inputs)
+    # No pass changes EfficientViT's Linear shapes (its head pools, it reads no token), so the module's
+    # own calls are the exported graph's; recording them is cheaper than a second capture.
+    chain = LinearChain(record_linear_calls(subject.model.eval(), subject.example_inputs))
     inputs = tmp_path / "x.npz"
     np.savez(inputs, chain.example_input().numpy())
     worker = Worker()

@@ -201,3 +201,19 @@ def is_op(node: Any, *ops: Any) -> bool:
 
 
 getitem = operator.getitem
+
+
+def split_chunk(ctx: PassContext, item: fx.Node) -> tuple[fx.Node, int, int, int] | None:
+    """``getitem(split(x, sizes, dim), i)`` as (x, dim, start, end): the slice of ``x`` it reads."""
+    if item.target is not operator.getitem:
+        return None
+    split, index = item.args
+    if not is_op(split, aten.split, aten.split_with_sizes) or ctx.shape(split.args[0]) is None:
+        return None
+    src = ctx.shape(split.args[0])
+    dim = (split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)) % len(src)
+    sizes = split.args[1]
+    if isinstance(sizes, int):
+        sizes = [min(sizes, src[dim] - s) for s in range(0, src[dim], sizes)]
+    start = sum(sizes[:index])
+    return split.args[0], dim, start, start + sizes[index]

@@ -1,0 +1,141 @@
+"""Scale folding: a constant multiply of a Linear's output columns moves into its weights."""
+
+from __future__ import annotations
+
+import operator
+from itertools import pairwise
+from typing import Any
+
+import torch
+from torch import fx
+
+from edgevit.export.passes import register_pass
+from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op, split_chunk
+
+# Ops through which a scalar multiply commutes (they move or multiply elements, never mix them).
+_VIEWS = (aten.reshape, aten.view, aten._unsafe_view, aten.transpose, aten.permute, aten.unsqueeze,
+          aten.squeeze, aten.flatten)
+_MATMULS = (aten.matmul, aten.bmm)  # (a·c) @ b = (a @ b)·c: follow the left operand
+_SPLITS = (aten.split, aten.split_with_sizes)
+
+
+def _scalar_operand(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(tensor, scale) for ``mul(tensor, scalar)`` / ``mul(scalar, tensor)``, else None."""
+    if not is_op(node, aten.mul) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return a, float(b)
+    if isinstance(b, fx.Node) and isinstance(a, (int, float)) and not isinstance(a, bool):
+        return b, float(a)
+    return None
+
+
+def _split_columns(ctx: PassContext, item: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """(source, start, end) of ``getitem(split(source, sizes, -1), i)`` along the last dim."""
+    chunk = split_chunk(ctx, item)
+    if chunk is None or chunk[1] != len(ctx.shape(chunk[0])) - 1:
+        return None
+    return chunk[0], chunk[2], chunk[3]
+
+
+def _slice_columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None:
+    src = ctx.shape(node.args[0])
+    if src is None:
+        return None
+    args = list(node.args[1:]) + [None] * (5 - len(node.args))
+    dim = (args[0] or 0) % len(src)
+    if dim != len(src) - 1 or (args[3] or 1) != 1:
+        return None
+    start, end, _ = slice(args[1], args[2]).indices(src[dim])
+    return node.args[0], start, end
+
+
+def _columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """The Linear whose output columns [start, end) ``node``'s elements all are (moved, not mixed)."""
+    while True:
+        if len(node.users) != 1:
+            return None  # another reader would see the scaled values
+        if is_op(node, *_VIEWS, *_MATMULS):
+            node = node.args[0]
+            continue
+        if node.target is operator.getitem:
+            found = _split_columns(ctx, node)
+        elif is_op(node, aten.slice):
+            found = _slice_columns(ctx, node)
+        elif is_op(node, aten.linear):
+            return node, 0, ctx.shape(node)[-1]
+        else:
+            return None
+        if found is None or not is_op(found[0], aten.linear) or not _only_column_readers(ctx, found[0]):
+            return None
+        return found
+
+
+def _only_column_readers(ctx: PassContext, linear: fx.Node) -> bool:
+    """Every reader of ``linear`` takes whole columns (a last-dim split or slices), so each column range
+    reaches only its own reader."""
+    users = list(linear.users)
+    if len(users) == 1 and is_op(users[0], *_SPLITS):
+        return True
+    ranges = [_slice_columns(ctx, u) if is_op(u, aten.slice) else None for u in users]
+    if any(r is None for r in ranges):
+        return False
+    spans = sorted((r[1], r[2]) for r in ranges)
+    return all(a[1] <= b[0] for a, b in pairwise(spans))
+
+
+@register_pass
+class FoldScaleIntoLinear(GraphPass):
+    """``linear(x, W, b)[..., cols] (viewed, transposed, matmul'd) * c`` → same with W[cols], b[cols] * c.
+
+    What: a scalar multiply whose input is, through single-reader reshapes, transposes and the left
+    operand of matmuls, a column range of one Linear's output (the whole output, a slice, or one chunk of
+    a last-dim split) is removed and those rows of the Linear's weight and bias are scaled instead. The
+    attention scale ``q * head_dim**-0.5`` (or ``(q @ kᵀ) * scale``) of a fused-qkv block is the case
+    that matters: the q columns of ``qkv`` absorb it.
+    Why: every backend otherwise runs one full-size multiply per attention layer (DeiT-Tiny: 12 MULs of
+    3 x 197 x 64) that the weights can carry for free.
+    Exact when the scale is a power of two (head_dim 64: 1/8); otherwise one rounding per weight
+    (≤ 2⁻²⁴ relative).
+    """
+
+    name = "fold_scale_into_linear"
+    wanted_by = ("*",)
+    order = 94
+
+    def matches(self, ctx: PassContext, node: fx.Node) -> bool:
+        found = _scalar_operand(node)
+        return found is not None and ctx.shape(found[0]) is not None and ctx.val(found[0]).dtype.is_floating_point
+
+    def rewrite(self, ctx: PassContext, node: fx.Node) -> bool:
+        tensor, scale = _scalar_operand(node)
+        found = _columns(ctx, tensor)
+        if found is None:
+            return False
+        linear, start, end = found
+        weight, bias = _linear_constants(ctx, linear)
+        if weight is None:
+            return False
+        with ctx.graph.inserting_before(linear):
+            new_weight = ctx.add_constant(_scaled_rows(weight, start, end, scale), "scaled_weight")
+            new_bias = None if bias is None else ctx.add_constant(_scaled_rows(bias, start, end, scale), "scaled_bias")
+        linear.args = (linear.args[0], new_weight, new_bias)
+        ctx.replace(node, tensor)
+        ctx.graph.erase_node(node)
+        return True
+
+
+def _linear_constants(ctx: PassContext, linear: fx.Node) -> tuple[Any, Any]:
+    weight = ctx.constant(linear.args[1])
+    bias_node = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    bias = ctx.constant(bias_node) if bias_node is not None else None
+    if weight is None or (bias_node is not None and bias is None):
+        return None, None
+    return weight, bias
+
+
+def _scaled_rows(value: torch.Tensor, start: int, end: int, scale: float) -> torch.Tensor:
+    out = value.detach().clone()
+    out[start:end] *= scale
+    return out
