@@ -26,27 +26,32 @@ from typing import Any
 import numpy as np
 
 
-def export_floor(model: str, device: str, where: Path, timeout_s: float = 1800) -> str:
-    """The linear floor of ``model`` exported for ``device`` in a child process (a converter that crashes
-    or hangs costs a one-line error, as in ``edgevit bench``); the artifact path."""
+def export_floor(model: str, chain: Any, device: str, where: Path, timeout_s: float = 1800) -> str:
+    """``chain`` (the linear floor of ``model``) exported for ``device`` in a child process (a converter
+    that crashes or hangs costs a one-line error, as in ``edgevit bench``); the artifact path."""
     from edgevit.export.isolated import run_export_child
 
-    cmd = [sys.executable, __file__, "--model", model, "--export-floor", device, "--out", str(where)]
+    where.mkdir(parents=True, exist_ok=True)
+    calls = where / "calls.json"
+    calls.write_text(json.dumps([c.to_list() for c in chain.calls]))
+    cmd = [sys.executable, __file__, "--model", model, "--export-floor", device, "--calls", str(calls),
+           "--out", str(where)]
     row = run_export_child(cmd, f"{model} linear floor", device, timeout_s)
     if row.get("status") != "passed":
         raise SystemExit(f"error: linear floor export for {device}: {row.get('error') or row.get('status')}")
     return row["artifact_path"]
 
 
-def _export_floor_here(model: str, device_name: str, where: Path) -> None:
+def _export_floor_here(model: str, device_name: str, calls: Path, where: Path) -> None:
     """The child's side: export (fp32, parity-checked); its row as JSON on stdout, converters' prints on stderr."""
+    from edgevit.devices.floor import LinearCall, LinearChain
     from edgevit.devices.table import get_device
 
     from edgevit.api import export_model
     from edgevit.cli import _StdoutToStderr
 
     device = get_device(device_name)
-    chain = model_floor(model)
+    chain = LinearChain([LinearCall(*c) for c in json.loads(calls.read_text())]).eval()
     with _StdoutToStderr():
         result = export_model(chain, (chain.example_input(),), target=device.target, out=where,
                               precision=device.export_precision("fp32"), accelerator=device.accelerator,
@@ -55,7 +60,7 @@ def _export_floor_here(model: str, device_name: str, where: Path) -> None:
 
 
 def model_floor(model: str) -> Any:
-    """The zoo model's LinearChain, at its default input size and seed 0 (as the eager worker builds it)."""
+    """The zoo model's LinearChain, at its default input size and seed 0."""
     from edgevit.devices.floor import linear_floor
 
     from edgevit.api import _prepare_subject
@@ -83,7 +88,7 @@ def configs(model: str, chain: Any, out: Path, threads: int | None) -> list[Any]
             if device.target is None:
                 artifact = None
                 options |= {"model": model, "input_size": size, "seed": 0}
-                options |= {"floor": "linear"} if kind == "linear floor" else {}
+                options |= {"floor": [c.to_list() for c in chain.calls]} if kind == "linear floor" else {}
             elif kind == "model":
                 print(f"  export {model} -> {device.name} (cached after the first run)", file=sys.stderr)
                 exported = export_cached(model, size, device, device.export_precision("fp32"), opts)
@@ -92,7 +97,7 @@ def configs(model: str, chain: Any, out: Path, threads: int | None) -> list[Any]
                 artifact = exported["artifact_path"]
             else:  # a chain of Linears: converts in seconds, so not cached
                 print(f"  export {model} linear floor -> {device.name}", file=sys.stderr)
-                artifact = export_floor(model, device.name, out / "floor" / device.name.replace(":", "-"))
+                artifact = export_floor(model, chain, device.name, out / "floor" / device.name.replace(":", "-"))
             worker = {"runtime": device.runtime, "artifact": artifact, "inputs": str(inputs), "threads": threads,
                       "options": options}
             result.append(Config(f"{device.name} {kind}", worker, {"device": device.name, "kind": kind}))
@@ -135,9 +140,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-ceiling"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--export-floor", metavar="DEVICE", help=argparse.SUPPRESS)  # the child of export_floor
+    parser.add_argument("--calls", type=Path, help=argparse.SUPPRESS)  # its recorded Linear calls (JSON)
     args = parser.parse_args()
     if args.export_floor:
-        _export_floor_here(args.model, args.export_floor, args.out)
+        _export_floor_here(args.model, args.export_floor, args.calls, args.out)
         return 0
 
     from edgevit.devices.bench import _ALL_PACKAGES, _machine, _versions

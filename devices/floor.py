@@ -36,6 +36,10 @@ class LinearCall:
     def macs(self) -> int:
         return self.rows * self.in_features * self.out_features
 
+    def to_list(self) -> list:
+        """[rows, in, out, bias]: how a call travels to a worker or child process (JSON)."""
+        return [self.rows, self.in_features, self.out_features, self.bias]
+
 
 def record_linear_calls(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[LinearCall]:
     """Every ``nn.Linear`` call of one forward pass of ``model`` on ``example_inputs``, in call order."""

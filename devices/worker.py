@@ -223,7 +223,8 @@ class CoreMLSession(Session):
 class TorchEagerSession(Session):
     """The PyTorch eager baseline: the zoo model rebuilt here (same name, input size and seed).
 
-    Option ``floor: "linear"`` times the model's linear floor instead (its Linear layers alone).
+    Option ``floor: [[rows, in, out, bias], ...]`` times that linear floor instead (devices/floor.py: the
+    recorded Linear calls, replayed with weights seeded by ``seed``).
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -234,12 +235,13 @@ class TorchEagerSession(Session):
         from edgevit.api import _prepare_subject  # local only: a remote device has no PyTorch eager
 
         opts = self.options
-        subject = _prepare_subject(opts["model"], None, opts.get("input_size"), None, int(opts.get("seed", 0)))
-        self.model = subject.model
-        if opts.get("floor") == "linear":  # the model's Linear layers alone (devices/floor.py)
-            from edgevit.devices.floor import linear_floor
+        seed = int(opts.get("seed", 0))
+        if opts.get("floor"):  # the calls were recorded once by the caller; rebuilding them means a capture
+            from edgevit.devices.floor import LinearCall, LinearChain
 
-            self.model = linear_floor(subject.model, subject.example_inputs, int(opts.get("seed", 0)))
+            self.model = LinearChain([LinearCall(*c) for c in opts["floor"]], seed).eval()
+        else:
+            self.model = _prepare_subject(opts["model"], None, opts.get("input_size"), None, seed).model
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.get("precision", "fp32")]
         if self.dtype != torch.float32:
             self.model = self.model.to(self.dtype)

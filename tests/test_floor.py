@@ -93,13 +93,13 @@ def test_the_eager_worker_times_the_floor_on_request(tmp_path) -> None:
     import numpy as np
 
     subject = _prepare_subject("efficientvit_m0", None, 64, None, 0)
-    # No pass changes EfficientViT's Linear shapes (its head pools, it reads no token), so the module's
-    # own calls are the exported graph's; recording them is cheaper than a second capture.
     chain = LinearChain(record_linear_calls(subject.model.eval(), subject.example_inputs))
     inputs = tmp_path / "x.npz"
     np.savez(inputs, chain.example_input().numpy())
     worker = Worker()
     worker.load({"runtime": "torch", "inputs": str(inputs), "threads": 1,
-                 "options": {"model": "efficientvit_m0", "input_size": 64, "floor": "linear"}})
+                 "options": {"model": "efficientvit_m0", "input_size": 64,
+                             "floor": [c.to_list() for c in chain.calls]}})
     assert isinstance(worker.session.model, LinearChain) and worker.session.model.calls == chain.calls
+    assert torch.equal(worker.session.model.layers[-1].weight, chain.layers[-1].weight)  # same seed
     assert len(worker.run(2)["times_ms"]) == 2

@@ -217,3 +217,15 @@ def split_chunk(ctx: PassContext, item: fx.Node) -> tuple[fx.Node, int, int, int
         sizes = [min(sizes, src[dim] - s) for s in range(0, src[dim], sizes)]
     start = sum(sizes[:index])
     return split.args[0], dim, start, start + sizes[index]
+
+
+def slice_bounds(ctx: PassContext, node: fx.Node) -> tuple[int, int, int, int] | None:
+    """``slice(x, dim, start, end, step)`` as (dim, start, end, step), normalised against x's shape
+    (negative dim and bounds, None and oversized ends, as Python's ``slice.indices``)."""
+    shape = ctx.shape(node.args[0])
+    if shape is None:
+        return None
+    given = dict(zip(("dim", "start", "end", "step"), node.args[1:])) | dict(node.kwargs)
+    dim = (given.get("dim") or 0) % len(shape)
+    start, end, step = slice(given.get("start"), given.get("end"), given.get("step") or 1).indices(shape[dim])
+    return dim, start, end, step

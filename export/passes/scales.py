@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op, split_chunk
+from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op, slice_bounds, split_chunk
 
 # Ops through which a scalar multiply commutes (they move or multiply elements, never mix them).
 _VIEWS = (aten.reshape, aten.view, aten._unsafe_view, aten.transpose, aten.permute, aten.unsqueeze,
@@ -40,15 +40,11 @@ def _split_columns(ctx: PassContext, item: fx.Node) -> tuple[fx.Node, int, int] 
 
 
 def _slice_columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None:
-    src = ctx.shape(node.args[0])
-    if src is None:
+    """(source, start, end) of a step-1 ``slice`` along the last dim."""
+    bounds = slice_bounds(ctx, node)
+    if bounds is None or bounds[0] != ctx.rank(node.args[0]) - 1 or bounds[3] != 1:
         return None
-    args = list(node.args[1:]) + [None] * (5 - len(node.args))
-    dim = (args[0] or 0) % len(src)
-    if dim != len(src) - 1 or (args[3] or 1) != 1:
-        return None
-    start, end, _ = slice(args[1], args[2]).indices(src[dim])
-    return node.args[0], start, end
+    return node.args[0], bounds[1], bounds[2]
 
 
 def _columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None:

@@ -18,7 +18,7 @@ from typing import Any
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op, split_chunk
+from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op, slice_bounds, split_chunk
 
 # Ops applied element by element with broadcasting: a slice commutes with them.
 _ELEMENTWISE = (aten.add, aten.sub, aten.mul, aten.div, aten.pow, aten.gelu, aten.relu, aten.silu,
@@ -34,18 +34,10 @@ class _Cut:
     """A slice of one dim of a node's output, its bounds normalised as Python's ``slice.indices``."""
 
     def __init__(self, ctx: PassContext, node: fx.Node) -> None:
-        src = node.args[0]
-        shape = ctx.shape(src)
-        args = list(node.args[1:]) + [None] * (5 - len(node.args))
-        dim = args[0] if args[0] is not None else node.kwargs.get("dim", 0)
-        self.rank = len(shape)
-        self.dim = dim % self.rank
-        self.size = shape[self.dim]
-        start, end = (args[1], node.kwargs.get("start")), (args[2], node.kwargs.get("end"))
-        step = args[3] if args[3] is not None else node.kwargs.get("step", 1)
-        bounds = slice(_first(start), _first(end), step or 1).indices(self.size)
-        self.start, self.end, self.step = bounds
-        self.length = len(range(*bounds))
+        self.dim, self.start, self.end, self.step = slice_bounds(ctx, node)
+        self.rank = ctx.rank(node.args[0])
+        self.size = ctx.shape(node.args[0])[self.dim]
+        self.length = len(range(self.start, self.end, self.step))
 
     def key(self) -> tuple[int, int, int, int]:
         return self.dim, self.start, self.end, self.step
@@ -55,10 +47,6 @@ class _Cut:
         if not isinstance(node, fx.Node):
             return node
         return ctx.call(aten.slice.Tensor, node, dim, self.start, self.end, self.step)
-
-
-def _first(pair: tuple[Any, Any]) -> Any:
-    return pair[0] if pair[0] is not None else pair[1]
 
 
 def _is_slice(ctx: PassContext, node: fx.Node) -> bool:
