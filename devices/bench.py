@@ -182,8 +182,8 @@ def roofline(precisions: list[str], opts: BenchOptions, note: Progress) -> list[
                         load_timeout_s=opts.run_timeout_s, run_timeout_s=opts.run_timeout_s)
     rows = []
     for m in measure(configs, protocol, lambda msg: note(msg, 1)):
-        row = {"precision": m.meta["precision"], "status": m.status, "detail": m.detail, "n": GEMM_N,
-               "engine": m.info.get("engine"), "threads": m.info.get("threads")}
+        row = {"precision": m.meta["precision"], "status": m.status, "detail": m.detail, "n": m.info.get("n"),
+               "engine": m.info.get("engine"), "threads": m.info.get("threads"), "native": m.info.get("native")}
         summary = m.summary()
         if summary:
             row |= {"median_ms": summary.median_ms, "gflops": m.info["flop"] / summary.median_ms / 1e6,
@@ -246,16 +246,25 @@ def _rows(measured: list[Measurement], gemm_gflops: dict[str, float]) -> list[di
         if summary is not None:
             macs = m.meta.get("macs") or 0
             row["gmacs_per_s"] = macs * m.meta.get("batch", 1) / summary.median_ms / 1e6
-            gflops = gemm_gflops.get(m.meta["precision"])
-            if gflops:
-                bound_ms = 2 * macs * m.meta.get("batch", 1) / (gflops * 1e9) * 1e3
-                row["roofline"] = {"gemm_gflops": gflops, "bound_ms": bound_ms,
-                                   "median_over_bound": summary.median_ms / bound_ms,
-                                   "fraction_of_peak": bound_ms / summary.median_ms}
+            row["roofline"] = _roofline(m, summary.median_ms, macs * m.meta.get("batch", 1), gemm_gflops)
             if baseline is not None and m is not baseline:
                 row["speedup_vs_eager"] = stats.interleaved_ratio(baseline.rounds, m.rounds).to_dict()
         rows.append(row)
     return rows
+
+
+def _roofline(m: Measurement, median_ms: float, macs: float, gemm_gflops: dict[str, float]) -> dict[str, Any]:
+    """The run against the GEMM bound of the precision its matrix multiplies *ran* in (the runtime's
+    report), so a bf16 request that OpenVINO computed in f32 meets the fp32 bound, not the bf16 one."""
+    computed = m.info.get("compute_precision") or m.meta["precision"]
+    gflops = gemm_gflops.get(computed)
+    if not gflops:
+        why = ("the runtime does not say what it computed in" if computed.startswith("unknown")
+               else f"no {computed} GEMM measured in this run")
+        return {"precision": computed, "note": f"no bound: {why}"}
+    bound_ms = 2 * macs / (gflops * 1e9) * 1e3
+    return {"precision": computed, "gemm_gflops": gflops, "bound_ms": bound_ms,
+            "median_over_bound": median_ms / bound_ms, "fraction_of_peak": bound_ms / median_ms}
 
 
 def _machine() -> dict[str, Any]:

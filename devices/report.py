@@ -17,7 +17,7 @@ from typing import Any
 
 CSV_FIELDS = ["model", "device", "precision", "status", "median_ms", "p90_ms", "p99_ms", "min_ms", "mean_ms",
               "std_ms", "runs", "throughput_per_s", "speedup_vs_eager", "speedup_low", "speedup_high",
-              "params", "macs", "gmacs_per_s", "roofline_bound_ms", "median_over_bound", "load_ms", "first_ms",
+              "params", "macs", "gmacs_per_s", "roofline_bound_ms", "median_over_bound", "bound_precision", "load_ms", "first_ms",
               "peak_rss_mb", "threads", "runtime_precision", "median_interval_low_ms",
               "median_interval_high_ms", "noisy", "detail"]
 
@@ -49,6 +49,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "speedup_vs_eager": speedup.get("median"), "speedup_low": speedup.get("low"), "speedup_high": speedup.get("high"),
         "params": row.get("params"), "macs": row.get("macs"), "gmacs_per_s": row.get("gmacs_per_s"),
         "roofline_bound_ms": roof.get("bound_ms"), "median_over_bound": roof.get("median_over_bound"),
+        "bound_precision": roof.get("precision"),
         "load_ms": row.get("load_ms"), "first_ms": row.get("first_ms"), "peak_rss_mb": row.get("peak_rss_mb"),
         "threads": info.get("threads"), "runtime_precision": info.get("precision"),
         "median_interval_low_ms": rep.get("interval_low_ms"), "median_interval_high_ms": rep.get("interval_high_ms"),
@@ -121,6 +122,15 @@ def speedup_text(row: dict[str, Any]) -> str:
     return f"{s['median']:.2f}x [{s['low']:.2f}-{s['high']:.2f}]"
 
 
+def bound_text(f: dict[str, Any]) -> str:
+    """median / bound, naming the bound's precision when it is not the one asked for (the runtime
+    computed in another precision, e.g. OpenVINO answering a bf16 request in f32)."""
+    if f["median_over_bound"] is None:
+        return "-"
+    other = f["bound_precision"] and f["bound_precision"] != f["precision"]
+    return f"{f['median_over_bound']:.2f}x" + (f" ({f['bound_precision']})" if other else "")
+
+
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
     """The terminal / markdown table: model, runtime, median, p90, speed-up, params, MACs, GMAC/s, roofline."""
     out = []
@@ -132,7 +142,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             f["model"], f["device"], f"{f['precision']}/{f['runtime_precision'] or '-'}",
             _fmt(f["median_ms"], ".2f") + noisy, _fmt(f["p90_ms"], ".2f"), speedup_text(row),
             _fmt(f["params"] and f["params"] / 1e6, ".2f"), _fmt(f["macs"] and f["macs"] / 1e9, ".2f"),
-            _fmt(f["gmacs_per_s"], ".1f"), _fmt(f["median_over_bound"], ".2f") + ("x" if f["median_over_bound"] else ""),
+            _fmt(f["gmacs_per_s"], ".1f"), bound_text(f),
             "ok" if status == "ok" else f"{status}: {row.get('detail', '')}"[:80],
         ])
     return out
@@ -146,8 +156,10 @@ def gemm_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     for g in result.get("gemm", []):
         if g.get("gflops"):
+            native = {True: "", False: "; emulated: the CPU flags show no arithmetic units for it",
+                      None: "; arithmetic units unknown"}[g.get("native", True)]
             lines.append(f"{g['precision']} GEMM {g['n']}x{g['n']} on {g['threads']} threads ({g['engine']}): "
-                         f"{g['gflops']:.1f} GFLOP/s sustained (median), best {g['best_gflops']:.1f}")
+                         f"{g['gflops']:.1f} GFLOP/s sustained (median), best {g['best_gflops']:.1f}{native}")
         else:
             lines.append(f"{g['precision']} GEMM: {g['status']} {g.get('detail', '')}")
     return lines

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable
@@ -81,6 +82,12 @@ class Session:
         """Per-op times of the runs since loading (profiling enabled at load), top first."""
         return []
 
+    def compute_precision(self, inputs: list[np.ndarray]) -> str:
+        """The precision the matrix multiplies ran in (fp32, fp16, bf16, mixed or unknown): the roofline
+        compares a run with the GEMM bound of *that* precision, not of the one asked for. Called once
+        after the first inference, outside the timed load."""
+        return "unknown"
+
 
 def top_ops(totals: dict[str, float], counts: dict[str, int], runs: int, limit: int = 15) -> list[dict[str, Any]]:
     """Aggregate per op type: ms per inference and share of the profiled time, largest first."""
@@ -113,6 +120,12 @@ class OnnxRuntimeSession(Session):
         self.runs += 1
         return self.session.run(None, dict(zip(self.names, inputs)))
 
+    def compute_precision(self, inputs: list[np.ndarray]) -> str:
+        if self.info["precision"] != "fp16":
+            return self.info["precision"]
+        return _ort_matmul_precision(self.config["artifact"], self.session.get_providers(), self.threads,
+                                     dict(zip(self.names, inputs)))
+
     def profile(self) -> list[dict[str, Any]]:
         path = self.session.end_profiling()
         if not path:
@@ -128,6 +141,35 @@ class OnnxRuntimeSession(Session):
                 totals[op] = totals.get(op, 0.0) + e.get("dur", 0) / 1e3
                 counts[op] = counts.get(op, 0) + 1
         return top_ops(totals, counts, self.runs)
+
+
+_MATMUL_OPS = ("MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "NchwcConv", "Attention",
+               "MultiHeadAttention")
+
+
+def _ort_matmul_precision(path: str, providers: list[str], threads: int, feeds: dict[str, np.ndarray]) -> str:
+    """What an fp16 graph's matrix multiplies run in: onnxruntime's CPU provider has no fp16 GEMM on most
+    CPUs and wraps such nodes in inserted Casts to float. One profiled inference in a throwaway session
+    reads the element type of each matmul-like kernel's first input."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "precision")
+        session = ort.InferenceSession(path, opts, providers=providers)
+        session.run(None, feeds)
+        with open(session.end_profiling()) as fh:
+            events = json.load(fh)
+    kinds = set()
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and args.get("op_name") in _MATMUL_OPS and args.get("input_type_shape"):
+            kinds.add(next(iter(args["input_type_shape"][0])))
+    named = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+    found = {named.get(k, k) for k in kinds}
+    return found.pop() if len(found) == 1 else ("mixed" if found else "unknown")
 
 
 def _onnx_precision(path: str) -> str:
@@ -161,6 +203,13 @@ class LiteRTSession(Session):
                   if d["dtype"] in (np.float16, np.float32)}
         self.info |= {"runtime": "litert", "version": package_version("ai-edge-litert"), "delegate": delegate,
                       "precision": "fp16 weights" if "float16" in dtypes else "fp32"}
+        self.delegate = delegate
+
+    def compute_precision(self, inputs: list[np.ndarray]) -> str:
+        # XNNPACK (and LiteRT's reference kernels) dequantize fp16 weights to fp32 at preparation and compute
+        # in fp32 unless the delegate's FORCE_FP16 flag is set, which the interpreter's Python API does not
+        # set; a GPU/NNAPI delegate chooses for itself and does not say.
+        return "fp32" if self.delegate in ("xnnpack", "none") else "unknown"
 
     def run(self, inputs: list[np.ndarray]) -> Any:
         for detail, array in zip(self.inputs, inputs):
@@ -189,6 +238,9 @@ class OpenVINOSession(Session):
 
     def run(self, inputs: list[np.ndarray]) -> Any:
         return self.request.infer(inputs)
+
+    def compute_precision(self, inputs: list[np.ndarray]) -> str:
+        return {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}.get(self.info["precision"], "unknown")
 
     def profile(self) -> list[dict[str, Any]]:
         totals: dict[str, float] = {}
@@ -254,6 +306,9 @@ class TorchEagerSession(Session):
         self.info |= {"runtime": "torch-eager", "version": torch.__version__,
                       "precision": str(self.dtype).replace("torch.", "")}
 
+    def compute_precision(self, inputs: list[np.ndarray]) -> str:
+        return "bf16" if self.dtype == self.torch.bfloat16 else "fp32"
+
     def run(self, inputs: list[np.ndarray]) -> Any:
         self.runs += 1
         with self.torch.inference_mode():
@@ -271,30 +326,91 @@ class TorchEagerSession(Session):
 
 class GemmSession(Session):
     """The roofline probe: one square matrix multiply on all threads (torch, else numpy/BLAS).
-    ``info['flop']`` is 2 n^3; the harness divides it by the median time."""
+    ``info['flop']`` is 2 n^3; the harness divides it by the median time.
+
+    ``n`` (default 2048) is an upper limit: where this precision has no fast kernel (bf16/fp16 on a CPU
+    without bf16/fp16 arithmetic, where torch emulates at ~1 GFLOP/s) a 2048 GEMM would take a minute per
+    call, so n shrinks (multiples of 256, >= 256) until one call is estimated at <= ``max_call_s``.
+    ``info['native']`` says whether the CPU flags show arithmetic units for the precision.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        n = int(self.options.get("n", 2048))
-        precision = self.options.get("precision", "fp32")
+        n_max = int(self.options.get("n", 2048))
+        self.precision = self.options.get("precision", "fp32")
         try:
             import torch
 
             torch.set_num_threads(self.threads)
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-            a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-            self._call: Callable[[], Any] = lambda: torch.mm(a, b)
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+            make: Callable[[int], Callable[[], Any]] = lambda k: _torch_mm(torch, k, dtype)
             engine = f"torch {torch.__version__}"
         except ImportError:
-            if precision != "fp32":
+            if self.precision != "fp32":
                 raise
-            a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
-            self._call = lambda: a @ b
+            make = _numpy_mm
             engine = f"numpy {np.__version__}"
-        self.info |= {"runtime": "gemm", "engine": engine, "n": n, "flop": 2 * n ** 3, "precision": precision}
+        n = gemm_size(make, n_max, float(self.options.get("max_call_s", 0.25)))
+        self._call = make(n)
+        self.info |= {"runtime": "gemm", "engine": engine, "n": n, "flop": 2 * n ** 3, "precision": self.precision,
+                      "native": native_units(self.precision)}
 
     def run(self, inputs: list[np.ndarray]) -> Any:
         return self._call()
+
+    def compute_precision(self, inputs: list[np.ndarray]) -> str:
+        return self.precision
+
+
+def _torch_mm(torch: Any, n: int, dtype: Any) -> Callable[[], Any]:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return lambda: torch.mm(a, b)
+
+
+def _numpy_mm(n: int) -> Callable[[], Any]:
+    a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
+    return lambda: a @ b
+
+
+def gemm_size(make: Callable[[int], Callable[[], Any]], n_max: int, max_call_s: float, probe: int = 256) -> int:
+    """The largest n (n_max, else a multiple of 256 >= 256) whose GEMM is estimated at <= max_call_s,
+    from the best of three timed calls at ``probe`` (cubic scaling)."""
+    if n_max <= probe:
+        return n_max
+    call = make(probe)
+    call()
+    best = min(_timed(call) for _ in range(3))
+    for n in [n_max] + list(range(n_max // 256 * 256, probe - 1, -256)):
+        if best * (n / probe) ** 3 <= max_call_s:
+            return n
+    return probe
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+# CPU feature flags that mean arithmetic units for a precision (x86 /proc/cpuinfo, Arm Linux "Features").
+_NATIVE_FLAGS = {"fp32": None, "bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16", "fphp")}
+
+
+def native_units(precision: str, cpuinfo: str | None = None) -> bool | None:
+    """True/False when the CPU flags say whether ``precision`` has arithmetic units; None if unknown
+    (no /proc/cpuinfo, e.g. macOS). fp32 is always native."""
+    flags = _NATIVE_FLAGS.get(precision)
+    if flags is None:
+        return True
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return None
+    present = {w for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+               for w in line.split(":", 1)[1].split()}
+    return any(f in present for f in flags)
 
 
 class FakeSession(Session):
@@ -304,13 +420,16 @@ class FakeSession(Session):
         super().__init__(config)
         self.calls = 0
         self._maybe_fail("load")
-        self.info |= {"runtime": "fake", "version": "0", "precision": "fp32"}
+        self.info |= {"runtime": "fake", "version": "0", "precision": self.options.get("precision", "fp32")}
 
     def _maybe_fail(self, when: str) -> None:
         if self.options.get("crash") == when:
             os._exit(3)  # like a segfaulting converter: no exception, no cleanup
         if self.options.get("hang") == when:
             time.sleep(3600)
+
+    def compute_precision(self, inputs: list[np.ndarray]) -> str:
+        return self.options.get("compute_precision", self.info["precision"])
 
     def run(self, inputs: list[np.ndarray]) -> Any:
         self.calls += 1
@@ -348,6 +467,10 @@ class Worker:
         start = time.perf_counter()
         self.session.run(self.inputs)
         first_ms = (time.perf_counter() - start) * 1e3
+        try:
+            self.session.info["compute_precision"] = self.session.compute_precision(self.inputs)
+        except Exception as exc:  # informative only: it must not fail the measurement
+            self.session.info["compute_precision"] = f"unknown ({type(exc).__name__})"
         return {"load_ms": load_ms, "first_ms": first_ms, "info": self.session.info,
                 "platform": _platform()}
 

@@ -156,6 +156,7 @@ def test_loopback_runs_the_worker_in_its_own_process(tiny_onnx) -> None:
     m = measure_remote(LoopbackTransport(), config, artifact, inputs, runs=7, warmup=2, label="tiny")
     assert m.status == "ok", m.detail
     assert len(m.times_ms) == 7 and m.info["runtime"] == "onnxruntime" and m.info["precision"] == "fp32"
+    assert m.info["compute_precision"] == "fp32"
     assert m.platform["protocol"] == 1 and m.peak_rss_mb > 1
 
 
@@ -246,6 +247,86 @@ def test_resolve_cpu_devices_and_errors() -> None:
         resolve_devices("tpu")
     only_onnx = resolve_devices("cpu", ["onnx"])
     assert {d.target for d in only_onnx} <= {None, "onnx"}
+
+
+# --- reduced precision: the bound of what the runtime computed in ------------------------------------
+
+def test_gemm_size_shrinks_until_one_call_fits_the_time_limit() -> None:
+    from edgevit.devices.worker import gemm_size
+
+    def sleeper(seconds_at_256: float):
+        import time
+
+        return lambda n: (lambda: time.sleep(seconds_at_256 * (n / 256) ** 3))
+
+    assert gemm_size(sleeper(1e-4), 2048, 0.25) == 2048  # 2048 estimated at 0.05 s
+    assert gemm_size(sleeper(0.01), 2048, 0.25) == 512  # 768 would be 0.27 s
+    assert gemm_size(sleeper(0.1), 2048, 0.05) == 256  # never below the probe size
+    assert gemm_size(sleeper(0.1), 128, 0.05) == 128  # a limit below the probe is kept as is
+
+
+def test_gemm_probe_in_bf16_reports_its_size_and_precision() -> None:
+    from edgevit.devices.worker import GemmSession
+
+    gemm = GemmSession({"threads": 1, "options": {"n": 1024, "precision": "bf16", "max_call_s": 0.05}})
+    n = gemm.info["n"]
+    assert n % 256 == 0 and 256 <= n <= 1024 and gemm.info["flop"] == 2 * n ** 3
+    assert gemm.compute_precision([]) == "bf16" and gemm.run([]).shape == (n, n)
+
+
+@pytest.mark.parametrize("cpuinfo, precision, native", [
+    ("flags\t\t: fpu sse avx2 fma f16c\n", "bf16", False),
+    ("flags\t\t: fpu avx512f avx512_bf16 amx_bf16\n", "bf16", True),
+    ("flags\t\t: fpu avx512f avx512_fp16\n", "fp16", True),
+    ("Features\t: fp asimd fphp asimdhp bf16\n", "fp16", True),
+    ("Features\t: fp asimd\n", "bf16", False),
+    ("", "fp32", True),
+])
+def test_native_units_read_from_the_cpu_flags(cpuinfo: str, precision: str, native: bool) -> None:
+    from edgevit.devices.worker import native_units
+
+    assert native_units(precision, cpuinfo) is native
+
+
+def test_roofline_uses_the_bound_of_the_precision_the_runtime_computed_in() -> None:
+    from edgevit.devices.bench import _rows
+    from edgevit.devices.report import bound_text, flat_row
+
+    configs = [fake(label, precision="bf16", compute_precision=computed) for label, computed in
+               (("upcast", "fp32"), ("native", "bf16"), ("half", "fp16"), ("silent", "unknown"))]
+    for c in configs:
+        c.meta |= {"precision": "bf16", "macs": 1_000_000_000, "batch": 1}
+    rows = {r["device"]: r for r in _rows(measure(configs, FAST), {"fp32": 100.0, "bf16": 4.0})}
+    upcast, native = rows["upcast"]["roofline"], rows["native"]["roofline"]
+    assert upcast["precision"] == "fp32" and upcast["bound_ms"] == pytest.approx(20.0)  # 2 GFLOP at 100 GFLOP/s
+    assert native["precision"] == "bf16" and native["bound_ms"] == pytest.approx(500.0)
+    assert rows["half"]["roofline"] == {"precision": "fp16", "note": "no bound: no fp16 GEMM measured in this run"}
+    assert "does not say" in rows["silent"]["roofline"]["note"]
+    assert bound_text(flat_row(rows["upcast"])).endswith("x (fp32)")
+    assert bound_text(flat_row(rows["native"])).endswith("x") and bound_text(flat_row(rows["half"])) == "-"
+
+
+def test_onnxruntime_matmul_precision_is_read_from_the_kernels(tmp_path: Path) -> None:
+    """An fp16 graph whose MatMul is fed through a Cast to float runs its matmul in fp32; a graph
+    without a matrix multiply says nothing."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgevit.devices.worker import _ort_matmul_precision
+
+    w = numpy_helper.from_array(np.ones((8, 8), np.float16), "W")
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["W"], ["wf"], to=TensorProto.FLOAT)]
+    cases = {"fp32": nodes + [helper.make_node("MatMul", ["xf", "wf"], ["y"])],
+             "unknown": nodes + [helper.make_node("Add", ["xf", "wf"], ["y"])]}
+    for expected, graph_nodes in cases.items():
+        graph = helper.make_graph(graph_nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [8, 8])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])], [w])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, tmp_path / f"{expected}.onnx")
+        feeds = {"x": np.ones((8, 8), np.float16)}
+        assert _ort_matmul_precision(str(tmp_path / f"{expected}.onnx"), ["CPUExecutionProvider"], 1, feeds) == expected
 
 
 # --- report writers -------------------------------------------------------------------------------
@@ -342,6 +423,7 @@ def test_bench_runs_a_small_model_on_every_cpu_runtime_and_caches_exports(tmp_pa
     for device, row in rows.items():
         assert row["status"] == "ok" and row["summary"]["runs"] == 4, (device, row.get("detail"))
         assert row["runtime_info"]["threads"] >= 1 and row["runtime_info"]["precision"]
+        assert row["runtime_info"]["compute_precision"] == row["roofline"]["precision"] == "fp32", device
         if device != "torch:eager":
             assert row["export_cached"] is False and row["parity"] == "passed"
             assert row["speedup_vs_eager"]["rounds"] == 2 and row["roofline"]["bound_ms"] > 0
