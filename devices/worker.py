@@ -350,7 +350,7 @@ class GemmSession(Session):
                 raise
             make = _numpy_mm
             engine = f"numpy {np.__version__}"
-        n = gemm_size(make, n_max, float(self.options.get("max_call_s", 0.25)))
+        n = gemm_size(make, n_max, float(self.options.get("max_call_s", 1.0)))
         self._call = make(n)
         self.info |= {"runtime": "gemm", "engine": engine, "n": n, "flop": 2 * n ** 3, "precision": self.precision,
                       "native": native_units(self.precision)}
