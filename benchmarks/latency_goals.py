@@ -84,11 +84,10 @@ def goals(first: dict, second: dict) -> list[dict]:
 
 def reduced(result: dict) -> list[dict]:
     """Reported, not goals: one line per bf16/fp16 configuration and one per GEMM measured."""
-    lines = []
-    for g in result.get("gemm", []):
-        units = {True: "CPU has units for it", False: "emulated: no CPU units for it", None: "units unknown"}
-        lines.append({"goal": f"{g['precision']} GEMM (reported, {result['options']['precision']} run)", "ok": True,
-                      "figure": f"{g.get('gflops') or 0:.1f} GFLOP/s at n={g.get('n')} ({units[g.get('native')]})"})
+    from edgevit.devices.report import gemm_lines
+
+    run = result["options"]["precision"]
+    lines = [{"goal": f"GEMM (reported, {run} run)", "ok": True, "figure": line} for line in gemm_lines(result)]
     for row in result["rows"]:
         if not row.get("summary"):
             lines.append({"goal": f"{row['precision']} (reported): {row['model']} {row['device']}", "ok": True,

@@ -130,17 +130,22 @@ class OnnxRuntimeSession(Session):
         path = self.session.end_profiling()
         if not path:
             return []
-        with open(path) as fh:
-            events = json.load(fh)
+        events = _ort_kernel_events(path)
         os.remove(path)
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         for e in events:
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-                op = e.get("args", {}).get("op_name", "?")
-                totals[op] = totals.get(op, 0.0) + e.get("dur", 0) / 1e3
-                counts[op] = counts.get(op, 0) + 1
+            op = e.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + e.get("dur", 0) / 1e3
+            counts[op] = counts.get(op, 0) + 1
         return top_ops(totals, counts, self.runs)
+
+
+def _ort_kernel_events(path: str) -> list[dict[str, Any]]:
+    """The per-kernel events of an onnxruntime profile JSON (one per node run; args: op_name, input types)."""
+    with open(path) as fh:
+        events = json.load(fh)
+    return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
 
 
 _MATMUL_OPS = ("MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "NchwcConv", "Attention",
@@ -160,12 +165,11 @@ def _ort_matmul_precision(path: str, providers: list[str], threads: int, feeds: 
         opts.profile_file_prefix = os.path.join(tmp, "precision")
         session = ort.InferenceSession(path, opts, providers=providers)
         session.run(None, feeds)
-        with open(session.end_profiling()) as fh:
-            events = json.load(fh)
+        events = _ort_kernel_events(session.end_profiling())
     kinds = set()
     for e in events:
         args = e.get("args", {})
-        if e.get("cat") == "Node" and args.get("op_name") in _MATMUL_OPS and args.get("input_type_shape"):
+        if args.get("op_name") in _MATMUL_OPS and args.get("input_type_shape"):
             kinds.add(next(iter(args["input_type_shape"][0])))
     named = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16"}
     found = {named.get(k, k) for k in kinds}
@@ -203,13 +207,12 @@ class LiteRTSession(Session):
                   if d["dtype"] in (np.float16, np.float32)}
         self.info |= {"runtime": "litert", "version": package_version("ai-edge-litert"), "delegate": delegate,
                       "precision": "fp16 weights" if "float16" in dtypes else "fp32"}
-        self.delegate = delegate
 
     def compute_precision(self, inputs: list[np.ndarray]) -> str:
         # XNNPACK (and LiteRT's reference kernels) dequantize fp16 weights to fp32 at preparation and compute
         # in fp32 unless the delegate's FORCE_FP16 flag is set, which the interpreter's Python API does not
         # set; a GPU/NNAPI delegate chooses for itself and does not say.
-        return "fp32" if self.delegate in ("xnnpack", "none") else "unknown"
+        return "fp32" if self.info["delegate"] in ("xnnpack", "none") else "unknown"
 
     def run(self, inputs: list[np.ndarray]) -> Any:
         for detail, array in zip(self.inputs, inputs):
