@@ -3,13 +3,14 @@
     python benchmarks/speedup_ceiling.py [--model deit_tiny] [--runs 60] [--rounds 12] [--out DIR] [--json PATH]
 
 One interleaved harness run (each configuration in its own process) of, for PyTorch eager and every
-available CPU runtime: the whole model, and the model's *linear floor* (its Linear layers alone, same
-shapes, same order, exported through the same pipeline). Per runtime it reports:
+available CPU runtime: the whole model, the model's *linear floor* (its Linear layers alone, same shapes,
+same order, exported through the same pipeline) and its *matmul floor* (the same plus its matrix
+multiplies of two activations, attention's q k^T and softmax(.) v). Per runtime it reports:
 
 - achieved: eager(model) / runtime(model), the bench's speed-up;
-- ceiling: eager(model) / runtime(linear floor), the speed-up that runtime would reach if every op but
-  its GEMMs were free; a goal above the best ceiling cannot be met by any runtime here;
-- GEMM share: runtime(linear floor) / runtime(model), from the two medians.
+- ceilings: eager(model) / runtime(floor), the speed-up that runtime would reach if every op but those
+  matrix multiplies were free; a goal above the best matmul ceiling cannot be met by any runtime here;
+- shares: runtime(floor) / runtime(model), from the medians.
 
 All ratios are interleaved median ratios with the smallest and largest per-round ratio. The JSON file
 carries every measurement and the tool versions.
@@ -26,8 +27,11 @@ from typing import Any
 import numpy as np
 
 
-def export_floor(model: str, chain: Any, device: str, where: Path, timeout_s: float = 1800) -> str:
-    """``chain`` (the linear floor of ``model``) exported for ``device`` in a child process (a converter
+FLOORS = ("linear floor", "matmul floor")
+
+
+def export_floor(model: str, kind: str, chain: Any, device: str, where: Path, timeout_s: float = 1800) -> str:
+    """``chain`` (the ``kind`` floor of ``model``) exported for ``device`` in a child process (a converter
     that crashes or hangs costs a one-line error, as in ``edgevit bench``); the artifact path."""
     from edgevit.export.isolated import run_export_child
 
@@ -35,41 +39,44 @@ def export_floor(model: str, chain: Any, device: str, where: Path, timeout_s: fl
     calls = where / "calls.json"
     calls.write_text(json.dumps([c.to_list() for c in chain.calls]))
     cmd = [sys.executable, __file__, "--model", model, "--export-floor", device, "--calls", str(calls),
-           "--out", str(where)]
-    row = run_export_child(cmd, f"{model} linear floor", device, timeout_s)
+           "--out", str(where), "--floor-name", f"{model}_{kind.replace(' ', '_')}"]
+    row = run_export_child(cmd, f"{model} {kind}", device, timeout_s)
     if row.get("status") != "passed":
-        raise SystemExit(f"error: linear floor export for {device}: {row.get('error') or row.get('status')}")
+        raise SystemExit(f"error: {kind} export for {device}: {row.get('error') or row.get('status')}")
     return row["artifact_path"]
 
 
-def _export_floor_here(model: str, device_name: str, calls: Path, where: Path) -> None:
+def _export_floor_here(name: str, device_name: str, calls: Path, where: Path) -> None:
     """The child's side: export (fp32, parity-checked); its row as JSON on stdout, converters' prints on stderr."""
-    from edgevit.devices.floor import LinearCall, LinearChain
+    from edgevit.devices.floor import LinearChain, call_from_list
     from edgevit.devices.table import get_device
 
     from edgevit.api import export_model
     from edgevit.cli import _StdoutToStderr
 
     device = get_device(device_name)
-    chain = LinearChain([LinearCall(*c) for c in json.loads(calls.read_text())]).eval()
+    chain = LinearChain([call_from_list(c) for c in json.loads(calls.read_text())]).eval()
     with _StdoutToStderr():
         result = export_model(chain, (chain.example_input(),), target=device.target, out=where,
                               precision=device.export_precision("fp32"), accelerator=device.accelerator,
-                              name=f"{model}_linear_floor", latency_runs=0)
+                              name=name, latency_runs=0)
     print(json.dumps([{"status": result.parity.status, "artifact_path": str(result.artifact)}]))
 
 
-def model_floor(model: str) -> Any:
-    """The zoo model's LinearChain, at its default input size and seed 0."""
-    from edgevit.devices.floor import linear_floor
+def model_floors(model: str) -> dict[str, Any]:
+    """The zoo model's linear and matmul floors (LinearChains), at its default input size and seed 0;
+    one capture: the linear floor is the matmul floor's Linear calls."""
+    from edgevit.devices.floor import LinearCall, LinearChain, exported_linear_calls
 
     from edgevit.api import _prepare_subject
 
     subject = _prepare_subject(model, None, None, None, 0)
-    return linear_floor(subject.model, subject.example_inputs)
+    calls = exported_linear_calls(subject.model, subject.example_inputs, matmuls=True)
+    return {"linear floor": LinearChain([c for c in calls if isinstance(c, LinearCall)]).eval(),
+            "matmul floor": LinearChain(calls).eval()}
 
 
-def configs(model: str, chain: Any, out: Path, threads: int | None) -> list[Any]:
+def configs(model: str, floors: dict[str, Any], out: Path, threads: int | None) -> list[Any]:
     from edgevit.devices.bench import BenchOptions, _save_inputs, export_cached
     from edgevit.devices.harness import Config
     from edgevit.devices.table import resolve_devices
@@ -79,27 +86,30 @@ def configs(model: str, chain: Any, out: Path, threads: int | None) -> list[Any]
     opts = BenchOptions(models=[model], out=out, threads=threads)
     size = model_info(model).input_size
     model_inputs, _ = _save_inputs(model, size, out / "inputs")
-    chain_inputs = out / "inputs" / f"{model}-linear-floor.npz"
-    np.savez(chain_inputs, chain.example_input().numpy())
+    inputs = {"model": model_inputs}
+    for kind, chain in floors.items():
+        inputs[kind] = out / "inputs" / f"{model}-{kind.replace(' ', '-')}.npz"
+        np.savez(inputs[kind], chain.example_input().numpy())
     result = []
     for device in resolve_devices("cpu"):
-        for kind, inputs in (("model", model_inputs), ("linear floor", chain_inputs)):
+        for kind, kind_inputs in inputs.items():
             options = device.worker_options("fp32")
             if device.target is None:
                 artifact = None
                 options |= {"model": model, "input_size": size, "seed": 0}
-                options |= {"floor": [c.to_list() for c in chain.calls]} if kind == "linear floor" else {}
+                options |= {"floor": [c.to_list() for c in floors[kind].calls]} if kind in floors else {}
             elif kind == "model":
                 print(f"  export {model} -> {device.name} (cached after the first run)", file=sys.stderr)
                 exported = export_cached(model, size, device, device.export_precision("fp32"), opts)
                 if "artifact_path" not in exported:
                     raise SystemExit(f"error: export {model} -> {device.name}: {exported.get('error')}")
                 artifact = exported["artifact_path"]
-            else:  # a chain of Linears: converts in seconds, so not cached
-                print(f"  export {model} linear floor -> {device.name}", file=sys.stderr)
-                artifact = export_floor(model, chain, device.name, out / "floor" / device.name.replace(":", "-"))
-            worker = {"runtime": device.runtime, "artifact": artifact, "inputs": str(inputs), "threads": threads,
-                      "options": options}
+            else:  # a chain of matrix multiplies: converts in seconds, so not cached
+                print(f"  export {model} {kind} -> {device.name}", file=sys.stderr)
+                where = out / kind.replace(" ", "-") / device.name.replace(":", "-")
+                artifact = export_floor(model, kind, floors[kind], device.name, where)
+            worker = {"runtime": device.runtime, "artifact": artifact, "inputs": str(kind_inputs),
+                      "threads": threads, "options": options}
             result.append(Config(f"{device.name} {kind}", worker, {"device": device.name, "kind": kind}))
     return result
 
@@ -113,16 +123,18 @@ def summarise(measured: list[Any]) -> list[dict[str, Any]]:
         raise SystemExit("PyTorch eager did not run; no ratios")
     rows = []
     for device in dict.fromkeys(m.meta["device"] for m in measured):
-        full, floor = by.get((device, "model")), by.get((device, "linear floor"))
+        full = by.get((device, "model"))
         row: dict[str, Any] = {"device": device}
         if full:
             row["model_ms"] = full.summary().median_ms
             row["achieved"] = stats.interleaved_ratio(eager.rounds, full.rounds).to_dict()
-        if floor:
-            row["floor_ms"] = floor.summary().median_ms
-            row["ceiling"] = stats.interleaved_ratio(eager.rounds, floor.rounds).to_dict()
-        if full and floor:
-            row["gemm_share"] = row["floor_ms"] / row["model_ms"]
+        for kind in FLOORS:  # keys linear_floor_ms, linear_ceiling, linear_share; matmul_...
+            floor, key = by.get((device, kind)), kind.split()[0]
+            if floor:
+                row[f"{key}_floor_ms"] = floor.summary().median_ms
+                row[f"{key}_ceiling"] = stats.interleaved_ratio(eager.rounds, floor.rounds).to_dict()
+            if full and floor:
+                row[f"{key}_share"] = row[f"{key}_floor_ms"] / row["model_ms"]
         rows.append(row)
     return rows
 
@@ -140,33 +152,39 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-ceiling"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--export-floor", metavar="DEVICE", help=argparse.SUPPRESS)  # the child of export_floor
-    parser.add_argument("--calls", type=Path, help=argparse.SUPPRESS)  # its recorded Linear calls (JSON)
+    parser.add_argument("--calls", type=Path, help=argparse.SUPPRESS)  # its recorded calls (JSON)
+    parser.add_argument("--floor-name", help=argparse.SUPPRESS)  # its artifact's name
     args = parser.parse_args()
     if args.export_floor:
-        _export_floor_here(args.model, args.export_floor, args.calls, args.out)
+        _export_floor_here(args.floor_name, args.export_floor, args.calls, args.out)
         return 0
 
     from edgevit.devices.bench import _ALL_PACKAGES, _machine, _versions
     from edgevit.devices.floor import adapters
     from edgevit.devices.harness import Protocol, measure
 
-    chain = model_floor(args.model)
-    calls = chain.calls
-    measured = measure(configs(args.model, chain, args.out, args.threads), Protocol(runs=args.runs, rounds=args.rounds),
+    floors = model_floors(args.model)
+    measured = measure(configs(args.model, floors, args.out, args.threads), Protocol(runs=args.runs, rounds=args.rounds),
                        lambda msg: print(f"  {msg}", file=sys.stderr))
     rows = summarise(measured)
-    gmacs = sum(c.macs for c in calls) / 1e9
-    print(f"{args.model}: {len(calls)} Linear calls, {gmacs:.3f} GMACs, {adapters(calls)} slice/tile steps in the chain")
-    print("| runtime | model ms | linear floor ms | GEMM share | achieved vs eager | ceiling vs eager |")
-    print("|---|---|---|---|---|---|")
+    described = {kind: {"calls": len(chain.calls), "gmacs": sum(c.macs for c in chain.calls) / 1e9,
+                        "adapters": adapters(chain.calls)} for kind, chain in floors.items()}
+    for kind, d in described.items():
+        print(f"{args.model} {kind}: {d['calls']} calls, {d['gmacs']:.3f} GMACs, {d['adapters']} slice/tile steps")
+    print("| runtime | model ms | linear floor ms (share) | matmul floor ms (share) | achieved vs eager "
+          "| linear ceiling | matmul ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in rows:
-        print(f"| {r['device']} | {r.get('model_ms', float('nan')):.2f} | {r.get('floor_ms', float('nan')):.2f} | "
-              f"{r.get('gemm_share', float('nan')):.0%} | {_ratio(r.get('achieved'))} | {_ratio(r.get('ceiling'))} |")
+        print(f"| {r['device']} | {r.get('model_ms', nan):.2f} "
+              f"| {r.get('linear_floor_ms', nan):.2f} ({r.get('linear_share', nan):.0%}) "
+              f"| {r.get('matmul_floor_ms', nan):.2f} ({r.get('matmul_share', nan):.0%}) "
+              f"| {_ratio(r.get('achieved'))} | {_ratio(r.get('linear_ceiling'))} | {_ratio(r.get('matmul_ceiling'))} |")
     for m in measured:
         if not m.ok:
             print(f"{m.label}: {m.status}: {m.detail}")
     if args.json:
-        doc = {"model": args.model, "linear_calls": len(calls), "linear_gmacs": gmacs, "machine": _machine(),
+        doc = {"model": args.model, "floors": described, "machine": _machine(),
                "versions": _versions(_ALL_PACKAGES), "rows": rows, "measurements": [m.to_dict() for m in measured]}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2))

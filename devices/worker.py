@@ -278,8 +278,8 @@ class CoreMLSession(Session):
 class TorchEagerSession(Session):
     """The PyTorch eager baseline: the zoo model rebuilt here (same name, input size and seed).
 
-    Option ``floor: [[rows, in, out, bias], ...]`` times that linear floor instead (devices/floor.py: the
-    recorded Linear calls, replayed with weights seeded by ``seed``).
+    Option ``floor: [[rows, in, out, bias] | ["matmul", batch, m, k, n], ...]`` times that floor instead
+    (devices/floor.py: the recorded calls, replayed with weights seeded by ``seed``).
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -292,9 +292,9 @@ class TorchEagerSession(Session):
         opts = self.options
         seed = int(opts.get("seed", 0))
         if opts.get("floor"):  # the calls were recorded once by the caller; rebuilding them means a capture
-            from edgevit.devices.floor import LinearCall, LinearChain
+            from edgevit.devices.floor import LinearChain, call_from_list
 
-            self.model = LinearChain([LinearCall(*c) for c in opts["floor"]], seed).eval()
+            self.model = LinearChain([call_from_list(c) for c in opts["floor"]], seed).eval()
         else:
             self.model = _prepare_subject(opts["model"], None, opts.get("input_size"), None, seed).model
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.get("precision", "fp32")]

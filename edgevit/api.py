@@ -17,7 +17,7 @@ from torch import nn
 import edgevit
 from edgevit.devices.runtimes import load_runner
 from edgevit.errors import EdgevitError, ParityError
-from edgevit.export.capture import capture, flatten_outputs, output_names
+from edgevit.export.capture import flatten_outputs, output_names
 from edgevit.export.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -97,7 +97,6 @@ def export_model(
     subject = _prepare_subject(model_or_name, example_inputs, input_size, name, seed, weights)
     out_dir = prepare_out_dir(Path(out))
     pipeline = run_pipeline(subject.model, subject.example_inputs, pass_names, _parity_inputs(subject))
-    program = pipeline.program
     with torch.no_grad():
         example_out = subject.model(*subject.example_inputs)
     names = output_names(example_out)
@@ -106,7 +105,7 @@ def export_model(
     staging = Path(tempfile.mkdtemp(prefix=".edgevit-tmp-", dir=out_dir))
     try:
         staged = staging / f"{subject.name}{tgt.suffix}"
-        _convert(tgt, program, subject.example_inputs, staged, precision)
+        _convert(tgt, pipeline, subject.example_inputs, staged, precision)
         if verify:
             parity = _verify(tgt, staged, subject, names, precision, latency_runs, _reference_outputs(pipeline))
             _gate_exact_passes(parity, pipeline, names)
@@ -188,9 +187,10 @@ def _parity_inputs(subject: _Subject) -> list[tuple[torch.Tensor, ...]]:
     return samples
 
 
-def _convert(tgt: Target, program: torch.export.ExportedProgram, inputs: tuple, dst: Path, precision: str) -> None:
+def _convert(tgt: Target, pipeline: PipelineResult, inputs: tuple, dst: Path, precision: str) -> None:
+    source = pipeline.model if tgt.converter_input == "module" else pipeline.program
     try:
-        tgt.converter_module().convert(program, inputs, dst, precision)
+        tgt.converter_module().convert(source, inputs, dst, precision)
     except EdgevitError:
         raise
     except Exception as exc:  # converters raise anything; keep the first line, hide the traceback
@@ -231,10 +231,10 @@ def _without_passes(
     scratch = staging / ".without-passes"
     scratch.mkdir()
     try:
-        program = capture(subject.model, subject.example_inputs)
+        unrewritten = PipelineResult(subject.model, subject.example_inputs)  # captured if the converter needs it
         artifact = scratch / f"{subject.name}{tgt.suffix}"
         try:
-            _convert(tgt, program, subject.example_inputs, artifact, precision)
+            _convert(tgt, unrewritten, subject.example_inputs, artifact, precision)
         except EdgevitError as exc:
             return {"status": "conversion failed", "error": str(exc)}
         report = _verify(tgt, artifact, subject, names, precision, 0)

@@ -41,6 +41,9 @@ class Target:
     default_precision: str
     accelerators: tuple[Accelerator, ...]  # the first is the default; pipelines come from the passes' wanted_by
     precision_notes: str = ""
+    # What convert() is handed: "program" (edgevit's capture of the rewritten graph) or "module" (the
+    # rewritten graph module, for a converter that runs torch.export itself: capturing it first is wasted)
+    converter_input: str = "program"
 
     @property
     def default_accelerator(self) -> str:
@@ -138,6 +141,7 @@ TARGETS: dict[str, Target] = {
                 Accelerator("nnapi", "LiteRT NNAPI delegate", 4, "rank<=4 scan + NNAPI op list"),
             ),
             precision_notes="fp16: float16 weights dequantized at load (ai-edge-quantizer float casting)",
+            converter_input="module",  # litert-torch exports the module itself
         ),
         Target(
             name="openvino",

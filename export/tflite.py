@@ -23,13 +23,16 @@ FP16_WEIGHTS_RECIPE = [
 ]
 
 
-def convert(program: torch.export.ExportedProgram, example_inputs: tuple, out: Path, precision: str) -> Path:
-    """Write ``out`` (.tflite) from the captured program's graph module."""
+def convert(source: torch.export.ExportedProgram | torch.nn.Module, example_inputs: tuple, out: Path,
+            precision: str) -> Path:
+    """Write ``out`` (.tflite) from the rewritten model (the targets table hands it the module), or from a
+    captured program's graph module."""
     import litert_torch
 
-    # litert-torch takes a module and runs torch.export itself; the program's graph module re-exports
-    # to the same graph, so the capture stays the one edgevit made.
-    edge_model = litert_torch.convert(program.module(), example_inputs)
+    # litert-torch takes a module and runs torch.export itself, so the exporter hands it the rewritten
+    # graph module rather than capturing it first (the same graph either way).
+    module = source.module() if isinstance(source, torch.export.ExportedProgram) else source
+    edge_model = litert_torch.convert(module, example_inputs)
     if precision == "fp32":
         edge_model.export(str(out))
         return out

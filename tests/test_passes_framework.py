@@ -73,6 +73,32 @@ def test_run_pipeline_reports_sites_and_change() -> None:
     assert torch.equal(result.program.module()(y), _ClassToken()(y))
 
 
+def test_the_rewritten_graph_is_captured_once_and_only_for_converters_that_need_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """litert-torch exports the module it is given (targets table: converter_input "module"), so the
+    rewritten graph is handed over uncaptured; a converter of programs gets it captured, once."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import edgevit.export.capture as capture_module
+    from edgevit.api import _convert
+    from edgevit.export.targets import Target
+
+    real, captures = capture_module.capture, []
+    monkeypatch.setattr(capture_module, "capture", lambda *a: captures.append(1) or real(*a))
+    x = torch.randn(1, 5, 8)
+    result = run_pipeline(_ClassToken(), (x,), ["strip_aliases", "select_to_slice"])
+    assert len(captures) == 1  # the model's; the rewritten graph is not captured yet
+    handed: list[object] = []
+    monkeypatch.setattr(Target, "converter_module", lambda self: SimpleNamespace(convert=lambda src, *a: handed.append(src)))
+    assert TARGETS["tflite"].converter_input == "module"
+    _convert(TARGETS["tflite"], result, (x,), Path("unused.tflite"), "fp32")
+    assert handed[-1] is result.model and len(captures) == 1
+    for _ in range(2):
+        _convert(dataclasses.replace(TARGETS["tflite"], converter_input="program"), result, (x,), Path("u"), "fp32")
+    assert isinstance(handed[-1], torch.export.ExportedProgram) and handed[-1] is handed[-2] and len(captures) == 2
+
+
 def test_manifest_records_the_pipeline(tmp_path: Path) -> None:
     from edgevit.api import export_model
 

@@ -94,14 +94,27 @@ def resolve_passes(spec: str | Sequence[str] | None, target: str, accelerator: s
 
 @dataclass
 class PipelineResult:
-    """The rewritten program and what each pass did."""
+    """The rewritten model, its captured program, and what each pass did.
 
-    program: torch.export.ExportedProgram
-    model: nn.Module
+    ``program`` is captured on first use when graph passes rewrote the graph: a converter that exports
+    ``model`` itself (litert-torch) never pays for that capture.
+    """
+
+    model: nn.Module  # the rewritten model (a GraphModule once a graph pass ran)
+    example_inputs: tuple[torch.Tensor, ...]
     reports: list[PassReport] = field(default_factory=list)
     max_abs_change: float = 0.0  # rewritten graph vs the original model, in PyTorch
     references: list[list[torch.Tensor]] = field(default_factory=list)  # the model's outputs per check input
     outputs: list[list[torch.Tensor]] = field(default_factory=list)  # the rewritten graph's, same inputs
+    captured: torch.export.ExportedProgram | None = None  # ``model``'s capture, once made
+
+    @property
+    def program(self) -> torch.export.ExportedProgram:
+        if self.captured is None:
+            from edgevit.export.capture import capture
+
+            self.captured = capture(self.model, self.example_inputs)
+        return self.captured
 
     def to_dict(self) -> dict[str, Any]:
         return {"applied": [r.to_dict() for r in self.reports], "graph_max_abs_change": self.max_abs_change}
@@ -148,7 +161,7 @@ def run_pipeline(
     program = capture(work, example_inputs)
     if not graph_passes:
         outs = run(work, None) if module_passes else refs
-        return PipelineResult(program, work, reports, change(outs), refs, outs)
+        return PipelineResult(work, example_inputs, reports, change(outs), refs, outs, program)
 
     gm = program.module()
     annotate(gm, example_inputs)
@@ -169,9 +182,9 @@ def run_pipeline(
         reports.append(PassReport(p.name, sites, p.exact, change(run(gm, 1)) if sites else None,
                                   notes=list(getattr(p, "notes", []))))
     if not any(r.sites for r in reports):
-        return PipelineResult(program, gm, reports, 0.0, refs, refs)
+        return PipelineResult(gm, example_inputs, reports, 0.0, refs, refs, program)
     outs = run(gm, None)
-    return PipelineResult(capture(gm, example_inputs), gm, reports, change(outs), refs, outs)
+    return PipelineResult(gm, example_inputs, reports, change(outs), refs, outs)
 
 
 _discover()
