@@ -41,6 +41,14 @@ class LinearCall:
     def macs(self) -> int:
         return self.rows * self.in_features * self.out_features
 
+    @property
+    def in_numel(self) -> int:
+        return self.rows * self.in_features
+
+    @property
+    def out_numel(self) -> int:
+        return self.rows * self.out_features
+
     def to_list(self) -> list:
         """[rows, in, out, bias]: how a call travels to a worker or child process (JSON)."""
         return [self.rows, self.in_features, self.out_features, self.bias]
@@ -159,14 +167,6 @@ def _fit_flat(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return x.reshape(*shape)
 
 
-def _in_numel(call: FloorCall) -> int:
-    return call.in_numel if isinstance(call, MatmulCall) else call.rows * call.in_features
-
-
-def _out_numel(call: FloorCall) -> int:
-    return call.out_numel if isinstance(call, MatmulCall) else call.rows * call.out_features
-
-
 def adapters(calls: Sequence[FloorCall]) -> int:
     """How many slice/tile steps the chain inserts between its GEMMs (0: a pure GEMM chain)."""
     count = 0
@@ -174,7 +174,7 @@ def adapters(calls: Sequence[FloorCall]) -> int:
         if isinstance(prev, LinearCall) and isinstance(call, LinearCall):
             count += (prev.rows != call.rows) + (prev.out_features != call.in_features)
         else:
-            count += _out_numel(prev) != _in_numel(call)
+            count += prev.out_numel != call.in_numel
     return count
 
 
