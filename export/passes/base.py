@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -229,3 +230,47 @@ def slice_bounds(ctx: PassContext, node: fx.Node) -> tuple[int, int, int, int] |
     dim = (given.get("dim") or 0) % len(shape)
     start, end, step = slice(given.get("start"), given.get("end"), given.get("step") or 1).indices(shape[dim])
     return dim, start, end, step
+
+
+# --- column readers of a Linear (shared by the scale-folding and projection-splitting passes) ---
+
+_SPLITS = (aten.split, aten.split_with_sizes)
+
+
+def split_columns(ctx: PassContext, item: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """(source, start, end) of ``getitem(split(source, sizes, -1), i)`` along the last dim."""
+    chunk = split_chunk(ctx, item)
+    if chunk is None or chunk[1] != len(ctx.shape(chunk[0])) - 1:
+        return None
+    return chunk[0], chunk[2], chunk[3]
+
+
+def slice_columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """(source, start, end) of a step-1 ``slice`` along the last dim."""
+    bounds = slice_bounds(ctx, node)
+    if bounds is None or bounds[0] != ctx.rank(node.args[0]) - 1 or bounds[3] != 1:
+        return None
+    return node.args[0], bounds[1], bounds[2]
+
+
+def only_column_readers(ctx: PassContext, linear: fx.Node) -> bool:
+    """Every reader of ``linear`` takes whole columns (a last-dim split or slices), so each column range
+    reaches only its own reader."""
+    users = list(linear.users)
+    if len(users) == 1 and is_op(users[0], *_SPLITS):
+        return True
+    ranges = [slice_columns(ctx, u) if is_op(u, aten.slice) else None for u in users]
+    if any(r is None for r in ranges):
+        return False
+    spans = sorted((r[1], r[2]) for r in ranges)
+    return all(a[1] <= b[0] for a, b in pairwise(spans))
+
+
+def linear_constants(ctx: PassContext, linear: fx.Node) -> tuple[Any, Any]:
+    """(weight, bias) tensors of a Linear whose weight and bias (if any) are constants, else (None, None)."""
+    weight = ctx.constant(linear.args[1])
+    bias_node = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    bias = ctx.constant(bias_node) if bias_node is not None else None
+    if weight is None or (bias_node is not None and bias is None):
+        return None, None
+    return weight, bias

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import operator
-from itertools import pairwise
-from typing import Any
 
 import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op, slice_bounds, split_chunk
+from edgevit.export.passes.base import (
+    GraphPass,
+    PassContext,
+    aten,
+    is_op,
+    linear_constants,
+    only_column_readers,
+    slice_columns,
+    split_columns,
+)
 
 # Ops through which a scalar multiply commutes (they move or multiply elements, never mix them).
 _VIEWS = (aten.reshape, aten.view, aten._unsafe_view, aten.transpose, aten.permute, aten.unsqueeze,
           aten.squeeze, aten.flatten)
 _MATMULS = (aten.matmul, aten.bmm)  # (a·c) @ b = (a @ b)·c: follow the left operand
-_SPLITS = (aten.split, aten.split_with_sizes)
 
 
 def _scalar_operand(node: fx.Node) -> tuple[fx.Node, float] | None:
@@ -31,22 +37,6 @@ def _scalar_operand(node: fx.Node) -> tuple[fx.Node, float] | None:
     return None
 
 
-def _split_columns(ctx: PassContext, item: fx.Node) -> tuple[fx.Node, int, int] | None:
-    """(source, start, end) of ``getitem(split(source, sizes, -1), i)`` along the last dim."""
-    chunk = split_chunk(ctx, item)
-    if chunk is None or chunk[1] != len(ctx.shape(chunk[0])) - 1:
-        return None
-    return chunk[0], chunk[2], chunk[3]
-
-
-def _slice_columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None:
-    """(source, start, end) of a step-1 ``slice`` along the last dim."""
-    bounds = slice_bounds(ctx, node)
-    if bounds is None or bounds[0] != ctx.rank(node.args[0]) - 1 or bounds[3] != 1:
-        return None
-    return node.args[0], bounds[1], bounds[2]
-
-
 def _columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None:
     """The Linear whose output columns [start, end) ``node``'s elements all are (moved, not mixed)."""
     while True:
@@ -56,29 +46,16 @@ def _columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None
             node = node.args[0]
             continue
         if node.target is operator.getitem:
-            found = _split_columns(ctx, node)
+            found = split_columns(ctx, node)
         elif is_op(node, aten.slice):
-            found = _slice_columns(ctx, node)
+            found = slice_columns(ctx, node)
         elif is_op(node, aten.linear):
             return node, 0, ctx.shape(node)[-1]
         else:
             return None
-        if found is None or not is_op(found[0], aten.linear) or not _only_column_readers(ctx, found[0]):
+        if found is None or not is_op(found[0], aten.linear) or not only_column_readers(ctx, found[0]):
             return None
         return found
-
-
-def _only_column_readers(ctx: PassContext, linear: fx.Node) -> bool:
-    """Every reader of ``linear`` takes whole columns (a last-dim split or slices), so each column range
-    reaches only its own reader."""
-    users = list(linear.users)
-    if len(users) == 1 and is_op(users[0], *_SPLITS):
-        return True
-    ranges = [_slice_columns(ctx, u) if is_op(u, aten.slice) else None for u in users]
-    if any(r is None for r in ranges):
-        return False
-    spans = sorted((r[1], r[2]) for r in ranges)
-    return all(a[1] <= b[0] for a, b in pairwise(spans))
 
 
 @register_pass
@@ -110,7 +87,7 @@ class FoldScaleIntoLinear(GraphPass):
         if found is None:
             return False
         linear, start, end = found
-        weight, bias = _linear_constants(ctx, linear)
+        weight, bias = linear_constants(ctx, linear)
         if weight is None:
             return False
         with ctx.graph.inserting_before(linear):
@@ -120,15 +97,6 @@ class FoldScaleIntoLinear(GraphPass):
         ctx.replace(node, tensor)
         ctx.graph.erase_node(node)
         return True
-
-
-def _linear_constants(ctx: PassContext, linear: fx.Node) -> tuple[Any, Any]:
-    weight = ctx.constant(linear.args[1])
-    bias_node = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    bias = ctx.constant(bias_node) if bias_node is not None else None
-    if weight is None or (bias_node is not None and bias is None):
-        return None, None
-    return weight, bias
 
 
 def _scaled_rows(value: torch.Tensor, start: int, end: int, scale: float) -> torch.Tensor:
