@@ -44,11 +44,12 @@ class SplitFusedProjection(GraphPass):
     readers overlap.
     Why: litert-torch lowers the split to one SLICE per chunk, each a strided copy of a (N, C) block
     that XNNPACK runs as its own operator (DeiT-Tiny: 36 SLICEs); three FULLY_CONNECTEDs write their
-    outputs directly. OpenVINO's CPU plugin likewise runs the split as a separate copy. Measured on this
-    repo's 2-core x86 CPU, DeiT-Tiny, interleaved A/B medians of per-run ratios: LiteRT + XNNPACK
-    0.97-0.98, OpenVINO CPU 0.96-0.97; onnxruntime CPU neutral (0.98, medians equal, within its noise),
-    so it stays out of the onnx pipelines, as do the Core ML and GPU/NPU ones (not measured).
-    Exact: each output column is the same dot product of the same row of x.
+    outputs directly. Measured on this repo's 2-core x86 CPU, DeiT-Tiny, interleaved A/B medians of
+    per-run ratios: LiteRT + XNNPACK 0.97-0.98, OpenVINO CPU 0.96-0.97; onnxruntime CPU neutral (0.98,
+    medians equal, within its noise), so it stays out of the onnx pipelines, as do the Core ML and
+    GPU/NPU ones (not measured).
+    Exact up to fp32 rounding: each output column is the same dot product of the same row of x (a GEMM
+    blocked differently may sum it in another order; DeiT-Tiny in PyTorch: bit-identical outputs).
     """
 
     name = "split_fused_projection"
