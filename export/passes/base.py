@@ -253,17 +253,28 @@ def slice_columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] |
     return node.args[0], bounds[1], bounds[2]
 
 
-def only_column_readers(ctx: PassContext, linear: fx.Node) -> bool:
-    """Every reader of ``linear`` takes whole columns (a last-dim split or slices), so each column range
-    reaches only its own reader."""
+def column_readers(ctx: PassContext, linear: fx.Node) -> list[tuple[fx.Node, int, int]] | None:
+    """(reader, start, end) for each reader of ``linear``'s output when every one takes whole columns
+    -- the chunks of one last-dim split, or last-dim step-1 slices that do not overlap -- so each column
+    range reaches only its own reader; None otherwise."""
     users = list(linear.users)
     if len(users) == 1 and is_op(users[0], *_SPLITS):
-        return True
-    ranges = [slice_columns(ctx, u) if is_op(u, aten.slice) else None for u in users]
-    if any(r is None for r in ranges):
-        return False
-    spans = sorted((r[1], r[2]) for r in ranges)
-    return all(a[1] <= b[0] for a, b in pairwise(spans))
+        readers = list(users[0].users)
+        found = [split_columns(ctx, u) if u.target is operator.getitem else None for u in readers]
+    else:
+        readers = users
+        found = [slice_columns(ctx, u) if is_op(u, aten.slice) else None for u in readers]
+    if not readers or any(cols is None for cols in found):
+        return None
+    spans = sorted((cols[1], cols[2]) for cols in found)
+    if any(a[1] > b[0] for a, b in pairwise(spans)):
+        return None
+    return [(u, cols[1], cols[2]) for u, cols in zip(readers, found)]
+
+
+def only_column_readers(ctx: PassContext, linear: fx.Node) -> bool:
+    """Every reader of ``linear`` takes whole, non-overlapping columns (see :func:`column_readers`)."""
+    return column_readers(ctx, linear) is not None
 
 
 def linear_constants(ctx: PassContext, linear: fx.Node) -> tuple[Any, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import operator
-
 from torch import fx
 
 from edgevit.export.passes import register_pass
@@ -11,27 +9,10 @@ from edgevit.export.passes.base import (
     GraphPass,
     PassContext,
     aten,
+    column_readers,
     is_op,
     linear_constants,
-    only_column_readers,
-    slice_columns,
-    split_columns,
 )
-
-
-def _column_readers(ctx: PassContext, linear: fx.Node) -> list[tuple[fx.Node, int, int]] | None:
-    """(reader, start, end) for each node that reads one column range of ``linear``'s output -- the
-    chunks of a last-dim split, or last-dim slices -- or None when any reader is something else."""
-    users = list(linear.users)
-    if len(users) == 1 and is_op(users[0], aten.split, aten.split_with_sizes):
-        readers = list(users[0].users)
-        found = [split_columns(ctx, u) if u.target is operator.getitem else None for u in readers]
-    else:
-        readers = users
-        found = [slice_columns(ctx, u) if is_op(u, aten.slice) else None for u in readers]
-    if not readers or any(cols is None for cols in found):
-        return None
-    return [(u, cols[1], cols[2]) for u, cols in zip(readers, found)]
 
 
 @register_pass
@@ -61,14 +42,12 @@ class SplitFusedProjection(GraphPass):
         if not is_op(node, aten.linear) or ctx.shape(node) is None or not node.users:
             return False
         weight, _ = linear_constants(ctx, node)
-        if weight is None or not only_column_readers(ctx, node):
-            return False
-        readers = _column_readers(ctx, node)
+        readers = None if weight is None else column_readers(ctx, node)
         whole = [(0, ctx.shape(node)[-1])]
         return readers is not None and [(start, end) for _, start, end in readers] != whole
 
     def rewrite(self, ctx: PassContext, node: fx.Node) -> bool:
-        readers = _column_readers(ctx, node)
+        readers = column_readers(ctx, node)
         weight, bias = linear_constants(ctx, node)
         for reader, start, end in readers:
             rows_weight = ctx.add_constant(weight[start:end], "projection_weight")
