@@ -1,6 +1,7 @@
 """How far can a runtime beat PyTorch eager on a model? Its matrix multiplies say (devices/floor.py).
 
-    python benchmarks/speedup_ceiling.py [--model deit_tiny] [--runs 60] [--rounds 12] [--out DIR] [--json PATH]
+    python benchmarks/speedup_ceiling.py [--model deit_tiny] [--runs 60] [--rounds 12] [--repeat 1] [--goal 2.0]
+                                         [--out DIR] [--json PATH]
 
 One interleaved harness run (each configuration in its own process) of, for PyTorch eager and every
 available CPU runtime: the whole model, the model's *linear floor* (its Linear layers alone, same shapes,
@@ -12,8 +13,11 @@ multiplies of two activations, attention's q k^T and softmax(.) v). Per runtime 
   matrix multiplies were free; a goal above the best matmul ceiling cannot be met by any runtime here;
 - shares: runtime(floor) / runtime(model), from the medians.
 
-All ratios are interleaved median ratios with the smallest and largest per-round ratio. The JSON file
-carries every measurement and the tool versions.
+All ratios are interleaved median ratios with the smallest and largest per-round ratio. With
+``--repeat N`` the whole interleaved run is made N times back to back (the exports once) and a last table
+gives, per runtime, the spread of its median time and of each ratio over the N runs, and in how many runs
+it reached ``--goal``: on a shared machine the load moves eager and the runtimes differently, and one run
+cannot show it. The JSON file carries every measurement and the tool versions.
 """
 
 from __future__ import annotations
@@ -143,34 +147,32 @@ def _ratio(r: dict[str, float] | None) -> str:
     return f"{r['median']:.2f}x [{r['low']:.2f}-{r['high']:.2f}]" if r else "-"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="deit_tiny")
-    parser.add_argument("--runs", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench-ceiling"))
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--export-floor", metavar="DEVICE", help=argparse.SUPPRESS)  # the child of export_floor
-    parser.add_argument("--calls", type=Path, help=argparse.SUPPRESS)  # its recorded calls (JSON)
-    parser.add_argument("--floor-name", help=argparse.SUPPRESS)  # its artifact's name
-    args = parser.parse_args()
-    if args.export_floor:
-        _export_floor_here(args.floor_name, args.export_floor, args.calls, args.out)
-        return 0
+SPREAD_KEYS = ("model_ms", "achieved", "linear_ceiling", "matmul_ceiling")
 
-    from edgevit.devices.bench import _ALL_PACKAGES, _machine, _versions
-    from edgevit.devices.floor import adapters
-    from edgevit.devices.harness import Protocol, measure
 
-    floors = model_floors(args.model)
-    measured = measure(configs(args.model, floors, args.out, args.threads), Protocol(runs=args.runs, rounds=args.rounds),
-                       lambda msg: print(f"  {msg}", file=sys.stderr))
-    rows = summarise(measured)
-    described = {kind: {"calls": len(chain.calls), "gmacs": sum(c.macs for c in chain.calls) / 1e9,
-                        "adapters": adapters(chain.calls)} for kind, chain in floors.items()}
-    for kind, d in described.items():
-        print(f"{args.model} {kind}: {d['calls']} calls, {d['gmacs']:.3f} GMACs, {d['adapters']} slice/tile steps")
+def spread(repeats: list[list[dict[str, Any]]], goal: float) -> list[dict[str, Any]]:
+    """Per runtime, over repeated runs (each a list of :func:`summarise` rows): min, median and max of its
+    median time and of the median of each ratio, and how many runs had ``achieved`` >= ``goal``."""
+    devices = dict.fromkeys(r["device"] for rows in repeats for r in rows)
+    out = []
+    for device in devices:
+        rows = [r for run in repeats for r in run if r["device"] == device]
+        entry: dict[str, Any] = {"device": device, "runs": len(rows)}
+        for key in SPREAD_KEYS:
+            values = [r[key] if key == "model_ms" else r[key]["median"] for r in rows if r.get(key)]
+            if values:
+                entry[key] = {"min": min(values), "median": float(np.median(values)), "max": max(values)}
+        achieved = [r["achieved"]["median"] for r in rows if r.get("achieved")]
+        entry["at_goal"] = sum(a >= goal for a in achieved)
+        out.append(entry)
+    return out
+
+
+def _range(d: dict[str, float] | None, unit: str) -> str:
+    return f"{d['median']:.2f}{unit} [{d['min']:.2f}-{d['max']:.2f}]" if d else "-"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
     print("| runtime | model ms | linear floor ms (share) | matmul floor ms (share) | achieved vs eager "
           "| linear ceiling | matmul ceiling |")
     print("|---|---|---|---|---|---|---|")
@@ -180,12 +182,72 @@ def main() -> int:
               f"| {r.get('linear_floor_ms', nan):.2f} ({r.get('linear_share', nan):.0%}) "
               f"| {r.get('matmul_floor_ms', nan):.2f} ({r.get('matmul_share', nan):.0%}) "
               f"| {_ratio(r.get('achieved'))} | {_ratio(r.get('linear_ceiling'))} | {_ratio(r.get('matmul_ceiling'))} |")
-    for m in measured:
-        if not m.ok:
-            print(f"{m.label}: {m.status}: {m.detail}")
+
+
+def print_spread(entries: list[dict[str, Any]], goal: float) -> None:
+    print("over the repeated runs, median [min-max] of each run's median:")
+    print(f"| runtime | runs | model ms | achieved vs eager | runs >= {goal:g}x | linear ceiling | matmul ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    for e in entries:
+        print(f"| {e['device']} | {e['runs']} | {_range(e.get('model_ms'), '')} | {_range(e.get('achieved'), 'x')} "
+              f"| {e['at_goal']} | {_range(e.get('linear_ceiling'), 'x')} | {_range(e.get('matmul_ceiling'), 'x')} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_tiny")
+    parser.add_argument("--runs", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench-ceiling"))
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Make the interleaved run N times back to back and report the spread over the runs.")
+    parser.add_argument("--goal", type=float, default=2.0,
+                        help="The speed-up over eager whose attainment --repeat counts (issue 5: 2x).")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--export-floor", metavar="DEVICE", help=argparse.SUPPRESS)  # the child of export_floor
+    parser.add_argument("--calls", type=Path, help=argparse.SUPPRESS)  # its recorded calls (JSON)
+    parser.add_argument("--floor-name", help=argparse.SUPPRESS)  # its artifact's name
+    args = parser.parse_args()
+    if args.repeat < 1:
+        sys.exit(f"error: --repeat must be at least 1, not {args.repeat}")
+    if args.goal <= 0:
+        sys.exit(f"error: --goal must be a positive speed-up, not {args.goal:g}")
+    if args.export_floor:
+        _export_floor_here(args.floor_name, args.export_floor, args.calls, args.out)
+        return 0
+
+    from edgevit.devices.bench import _ALL_PACKAGES, _machine, _versions
+    from edgevit.devices.floor import adapters
+    from edgevit.devices.harness import Protocol, measure
+
+    floors = model_floors(args.model)
+    described = {kind: {"calls": len(chain.calls), "gmacs": sum(c.macs for c in chain.calls) / 1e9,
+                        "adapters": adapters(chain.calls)} for kind, chain in floors.items()}
+    for kind, d in described.items():
+        print(f"{args.model} {kind}: {d['calls']} calls, {d['gmacs']:.3f} GMACs, {d['adapters']} slice/tile steps")
+    configured = configs(args.model, floors, args.out, args.threads)  # exports once for every repeat
+    repeats, measurements = [], []
+    for i in range(args.repeat):
+        prefix = f"run {i + 1}/{args.repeat}: " if args.repeat > 1 else ""
+        measured = measure(configured, Protocol(runs=args.runs, rounds=args.rounds),
+                           lambda msg, p=prefix: print(f"  {p}{msg}", file=sys.stderr))
+        repeats.append(summarise(measured))
+        measurements += [m.to_dict() | {"repeat": i + 1} for m in measured]
+        if prefix:
+            print(prefix.rstrip(": "))
+        print_table(repeats[-1])
+        for m in measured:
+            if not m.ok:
+                print(f"{m.label}: {m.status}: {m.detail}")
+    spread_rows = spread(repeats, args.goal) if args.repeat > 1 else None
+    if spread_rows:
+        print_spread(spread_rows, args.goal)
     if args.json:
         doc = {"model": args.model, "floors": described, "machine": _machine(),
-               "versions": _versions(_ALL_PACKAGES), "rows": rows, "measurements": [m.to_dict() for m in measured]}
+               "versions": _versions(_ALL_PACKAGES), "rows": repeats[0], "measurements": measurements}
+        if spread_rows:
+            doc |= {"goal": args.goal, "repeats": repeats, "spread": spread_rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2))
     return 0

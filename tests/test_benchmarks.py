@@ -1,0 +1,86 @@
+"""The pure parts of the benchmark scripts (their measurements are too slow for CI): how
+``speedup_ceiling.py --repeat`` summarises repeated runs and how ``latency_goals.py`` judges and reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ratio(median: float) -> dict[str, float]:
+    return {"median": median, "low": median - 0.3, "high": median + 0.3, "rounds": 12}
+
+
+def _ceiling_row(device: str, ms: float, achieved: float, matmul: float) -> dict:
+    return {"device": device, "model_ms": ms, "achieved": _ratio(achieved),
+            "linear_ceiling": _ratio(matmul + 0.5), "matmul_ceiling": _ratio(matmul)}
+
+
+def test_spread_over_repeats_gives_min_median_max_and_runs_at_goal() -> None:
+    ceiling = _load("speedup_ceiling")
+    repeats = [
+        [_ceiling_row("torch:eager", 30.0, 1.0, 1.5), _ceiling_row("tflite:xnnpack", 15.0, 2.0, 2.4)],
+        [_ceiling_row("torch:eager", 40.0, 1.0, 1.4), _ceiling_row("tflite:xnnpack", 20.0, 1.6, 2.1)],
+        [_ceiling_row("torch:eager", 34.0, 1.0, 1.6), _ceiling_row("tflite:xnnpack", 18.0, 1.9, 2.2),
+         {"device": "onnx:cpu"}],  # crashed in its only run: no figures, never at the goal
+    ]
+    by = {e["device"]: e for e in ceiling.spread(repeats, goal=2.0)}
+    tfl = by["tflite:xnnpack"]
+    assert tfl["runs"] == 3
+    assert tfl["model_ms"] == {"min": 15.0, "median": 18.0, "max": 20.0}
+    assert tfl["achieved"] == {"min": 1.6, "median": 1.9, "max": 2.0}
+    assert tfl["matmul_ceiling"] == {"min": 2.1, "median": 2.2, "max": 2.4}
+    assert tfl["at_goal"] == 1  # 2.0 reaches a 2x goal; 1.9 and 1.6 do not
+    assert by["torch:eager"]["model_ms"]["median"] == 34.0
+    assert by["onnx:cpu"] == {"device": "onnx:cpu", "runs": 1, "at_goal": 0}
+    assert ceiling.spread(repeats, goal=1.5)[1]["at_goal"] == 3
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--repeat", "0"], "error: --repeat must be at least 1, not 0"),
+    (["--goal", "-1"], "error: --goal must be a positive speed-up, not -1"),
+])
+def test_bad_repeat_or_goal_is_a_one_line_error(args, message) -> None:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "speedup_ceiling.py"), *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [message]
+
+
+def _bench_row(model: str, device: str, ms: float, speedup: float | None = None) -> dict:
+    row = {"model": model, "device": device, "summary": {"median_ms": ms},
+           "roofline": {"median_over_bound": 1.0, "bound_ms": ms, "gemm_gflops": 130.0},
+           "repeatability": {"noisy": False}}
+    return row | ({"speedup_vs_eager": _ratio(speedup)} if speedup else {})
+
+
+def _bench(eager_ms: float, fastest_ms: float) -> dict:
+    rows = []
+    for model in ("deit_tiny", "mobilevit_v2_050"):
+        rows += [_bench_row(model, "torch:eager", eager_ms),
+                 _bench_row(model, "tflite:xnnpack", fastest_ms, eager_ms / fastest_ms),
+                 _bench_row(model, "onnx:cpu", fastest_ms * 1.5, eager_ms / fastest_ms / 1.5)]
+    return {"rows": rows}
+
+
+@pytest.mark.parametrize(("second_eager", "ok"), [(40.0, True), (36.0, False)])
+def test_the_speed_goal_holds_only_if_both_runs_reach_it_and_shows_both_medians(second_eager, ok) -> None:
+    goals = _load("latency_goals").goals(_bench(40.0, 20.0), _bench(second_eager, 20.0))
+    deit = next(c for c in goals if c["goal"].startswith("deit_tiny: fastest runtime"))
+    assert deit["ok"] is ok
+    assert "run 1: tflite:xnnpack 2.00x [1.70-2.30] (20.00 vs eager 40.00 ms)" in deit["figure"]
+    assert f"(20.00 vs eager {second_eager:.2f} ms)" in deit["figure"]
