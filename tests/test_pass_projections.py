@@ -16,8 +16,7 @@ def _ops(result, name: str) -> list:
 
 def _split(model: nn.Module, *shapes: tuple[int, ...]):
     torch.manual_seed(0)
-    x = tuple(torch.randn(s) for s in shapes)
-    return run_pipeline(model.eval(), x, ["split_fused_projection"]), x
+    return run_pipeline(model.eval(), tuple(torch.randn(s) for s in shapes), ["split_fused_projection"])
 
 
 class _QKV(nn.Module):
@@ -32,7 +31,7 @@ class _QKV(nn.Module):
 
 def test_a_split_qkv_projection_becomes_three_linears_with_the_same_values() -> None:
     model = _QKV()
-    result, _ = _split(model, (1, 5, 16))
+    result = _split(model, (1, 5, 16))
     assert [(r.name, r.sites, r.exact) for r in result.reports] == [("split_fused_projection", 1, True)]
     linears = _ops(result, "aten.linear.default")
     assert [tuple(n.meta["val"].shape) for n in linears] == [(1, 5, 16)] * 3
@@ -60,7 +59,7 @@ class _Slices(nn.Module):
 
 def test_disjoint_slices_become_linears_and_unread_columns_are_not_computed() -> None:
     model = _Slices()
-    result, _ = _split(model, (3, 8))
+    result = _split(model, (3, 8))
     assert result.reports[0].sites == 1
     assert sorted(tuple(n.meta["val"].shape) for n in _ops(result, "aten.linear.default")) == [(3, 4), (3, 4)]
     assert _ops(result, "aten.slice.Tensor") == []
@@ -87,7 +86,7 @@ class _Untouchable(nn.Module):
 
 
 def test_linears_with_other_readers_overlaps_dynamic_weights_or_row_splits_are_left_alone() -> None:
-    result, _ = _split(_Untouchable(), (2, 8), (8, 8))
+    result = _split(_Untouchable(), (2, 8), (8, 8))
     assert result.reports[0].sites == 0
     assert len(_ops(result, "aten.linear.default")) == 4
 

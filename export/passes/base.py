@@ -272,11 +272,6 @@ def column_readers(ctx: PassContext, linear: fx.Node) -> list[tuple[fx.Node, int
     return [(u, cols[1], cols[2]) for u, cols in zip(readers, found)]
 
 
-def only_column_readers(ctx: PassContext, linear: fx.Node) -> bool:
-    """Every reader of ``linear`` takes whole, non-overlapping columns (see :func:`column_readers`)."""
-    return column_readers(ctx, linear) is not None
-
-
 def linear_constants(ctx: PassContext, linear: fx.Node) -> tuple[Any, Any]:
     """(weight, bias) tensors of a Linear whose weight and bias (if any) are constants, else (None, None)."""
     weight = ctx.constant(linear.args[1])

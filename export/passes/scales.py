@@ -13,8 +13,8 @@ from edgevit.export.passes.base import (
     PassContext,
     aten,
     is_op,
+    column_readers,
     linear_constants,
-    only_column_readers,
     slice_columns,
     split_columns,
 )
@@ -53,7 +53,7 @@ def _columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None
             return node, 0, ctx.shape(node)[-1]
         else:
             return None
-        if found is None or not is_op(found[0], aten.linear) or not only_column_readers(ctx, found[0]):
+        if found is None or not is_op(found[0], aten.linear) or column_readers(ctx, found[0]) is None:
             return None
         return found
 
