@@ -18,6 +18,7 @@ import platform
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +55,7 @@ class BenchOptions:
     budget_s: float | None = None  # stop a configuration's timed runs once this much time is spent
     export_timeout_s: float = 1800
     run_timeout_s: float = 300
+    input_shape: tuple[int, ...] | None = None  # of the references in ``models`` (zoo models: input_size)
 
     def protocol(self) -> Protocol:
         return Protocol(runs=self.runs, rounds=self.rounds, warmup=self.warmup, budget_s=self.budget_s,
@@ -70,7 +72,7 @@ Progress = Callable[[str, float], None]  # (message, units of work done)
 def check_options(opts: BenchOptions) -> list[Device]:
     """Every argument error as a one-line EdgevitError before anything runs; the devices to measure."""
     from edgevit.export.passes import resolve_passes
-    from edgevit.registry import check_input_size, model_info
+    from edgevit.references import is_reference
 
     if opts.precision not in BENCH_PRECISIONS:
         raise EdgevitError(f"unknown precision '{opts.precision}'; choose one of: {', '.join(BENCH_PRECISIONS)}")
@@ -83,8 +85,10 @@ def check_options(opts: BenchOptions) -> list[Device]:
     if not opts.models:
         raise EdgevitError("no models given")
     for name in opts.models:
-        info = model_info(name)
-        check_input_size(info, opts.input_size or info.input_size)
+        bench_model(name, opts)  # zoo: name and input size; reference: built once, run, MACs counted
+    if opts.input_shape is not None and not any(is_reference(m) for m in opts.models):
+        raise EdgevitError("--input-shape applies to Hugging Face folders and module:factory references in "
+                           "--models; zoo models take --input-size")
     devices = [d for d in resolve_devices(opts.device, opts.targets) if opts.precision in d.precisions]
     for d in devices:
         if d.target is not None:
@@ -95,17 +99,65 @@ def check_options(opts: BenchOptions) -> list[Device]:
     return devices
 
 
+@dataclass(frozen=True)
+class BenchModel:
+    """One entry of ``--models``: a zoo model or a reference (Hugging Face folder, ``module:factory``)."""
+
+    name: str  # rows, labels and file names
+    arg: str  # what export children and the eager worker rebuild it from
+    input_size: int
+    input_shape: tuple[int, ...] | None  # references only: the full shape they are exported at
+    params: int
+    macs: int
+
+
+def bench_model(model: str, opts: BenchOptions) -> BenchModel:
+    """Name, input and size of ``model``; a one-line error if it is unknown or does not build."""
+    from edgevit.references import is_reference
+    from edgevit.registry import check_input_size, model_info
+
+    if is_reference(model):
+        return _reference_model(model, tuple(opts.input_shape) if opts.input_shape else None, opts.input_size)
+    info = model_info(model)
+    size = check_input_size(info, opts.input_size or info.input_size)
+    info = model_info(info.name, size)
+    return BenchModel(info.name, info.name, size, None, info.params, info.macs)
+
+
+@lru_cache(maxsize=None)  # check_options and run_bench both ask: build a reference once per process
+def _reference_model(ref: str, input_shape: tuple[int, ...] | None, input_size: int | None) -> BenchModel:
+    """A reference has no zoo metadata: built, run once, MACs counted like the zoo's (count_macs)."""
+    from edgevit.references import check_forward, resolve_model
+    from edgevit.registry import count_macs
+
+    resolved = resolve_model(ref, input_shape, None, input_size)
+    check_forward(resolved)
+    params = sum(p.numel() for p in resolved.module.parameters())
+    macs = count_macs(resolved.module, *resolved.example_inputs)
+    return BenchModel(resolved.name, resolved.reference, resolved.input_shape[-1], resolved.input_shape, params, macs)
+
+
 # --- exports, cached ----------------------------------------------------------------------------
 
-def cache_key(model: str, input_size: int, device: Device, precision: str, passes: str) -> dict[str, Any]:
-    """What decides the artifact's bytes: the cache directory is a hash of this."""
+def cache_key(model: str, input_size: int, device: Device, precision: str, passes: str,
+              input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """What decides the artifact's bytes: the cache directory is a hash of this.
+
+    For a reference that is the reference, its input shape and a hash of its content (a folder's config
+    and weight files, a factory's source file), so an edited model is exported again.
+    """
     from edgevit.export.passes import resolve_passes
     from edgevit.export.targets import get_target
+    from edgevit.references import fingerprint, is_reference
 
     target = get_target(device.target)
-    return {"model": model, "input_size": input_size, "target": target.name, "accelerator": device.accelerator,
-            "precision": precision, "passes": list(resolve_passes(passes, target.name, device.accelerator)),
-            "seed": 0, "versions": _versions(["edgevit", "torch", *_converter_packages(target.name)])}
+    key = {"model": model, "input_size": input_size, "target": target.name, "accelerator": device.accelerator,
+           "precision": precision, "passes": list(resolve_passes(passes, target.name, device.accelerator)),
+           "seed": 0, "versions": _versions(["edgevit", "torch", *_converter_packages(target.name)])}
+    if is_reference(model):
+        key |= {"input_shape": list(input_shape or ()), "content": fingerprint(model),
+                "transformers": package_version("transformers")}
+    return key
 
 
 def _converter_packages(target: str) -> list[str]:
@@ -117,14 +169,16 @@ def _versions(packages: list[str]) -> dict[str, str]:
     return {p: package_version(p) for p in packages}
 
 
-def export_cached(model: str, input_size: int, device: Device, precision: str, opts: BenchOptions) -> dict[str, Any]:
+def export_cached(model: str, input_size: int, device: Device, precision: str, opts: BenchOptions,
+                  input_shape: tuple[int, ...] | None = None, name: str | None = None) -> dict[str, Any]:
     """The manifest of a cached export of ``model`` for ``device`` (exported now if missing), with
-    ``artifact_path`` and ``cached``; or an error row ``{"status": "error", ...}``."""
+    ``artifact_path`` and ``cached``; or an error row ``{"status": "error", ...}``. A reference gives its
+    ``input_shape`` and a file-name-safe ``name``."""
     from edgevit.export.isolated import export_in_child
 
-    key = cache_key(model, input_size, device, precision, opts.passes)
+    key = cache_key(model, input_size, device, precision, opts.passes, input_shape)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    where = opts.cache_dir / f"{model}-{device.target}-{device.accelerator}-{precision}-{digest}"
+    where = opts.cache_dir / f"{name or model}-{device.target}-{device.accelerator}-{precision}-{digest}"
     manifest_path = where / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -132,7 +186,8 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
         if artifact.exists():
             return manifest | {"artifact_path": str(artifact), "cached": True, "cache_key": key}
     flags = ["--latency-runs", "0", "--passes", opts.passes, "--precision", precision,
-             "--accelerator", device.accelerator, "--input-size", str(input_size)]
+             "--accelerator", device.accelerator]
+    flags += ["--input-shape", ",".join(map(str, input_shape))] if input_shape else ["--input-size", str(input_size)]
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=where.parent))
     row = export_in_child(model, device.target, staging, flags, opts.export_timeout_s)
@@ -150,23 +205,33 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
 # --- configurations ------------------------------------------------------------------------------
 
 def _config(label: str, device: Device, precision: str, opts: BenchOptions, artifact: str | None,
-            inputs: Path, model: str, input_size: int, meta: dict[str, Any]) -> Config:
+            inputs: Path, model: str, input_size: int, meta: dict[str, Any],
+            input_shape: tuple[int, ...] | None = None) -> Config:
     options = device.worker_options(precision)
     if device.runtime == "torch":
         options |= {"model": model, "input_size": input_size, "seed": 0}
+        if input_shape:  # a reference: the eager worker rebuilds it at this shape
+            options["input_shape"] = list(input_shape)
     worker = {"runtime": device.runtime, "artifact": artifact, "inputs": str(inputs), "threads": opts.threads,
               "options": options, "profile": opts.profile}
     return Config(label, worker, meta)
 
 
-def _save_inputs(model: str, input_size: int, where: Path) -> tuple[Path, int]:
-    """The seeded example batch the exports were made with, as the workers' inputs.npz; the batch size."""
+def _save_inputs(model: str, input_size: int, where: Path, input_shape: tuple[int, ...] | None = None,
+                 name: str | None = None) -> tuple[Path, int]:
+    """The seeded example batch the exports were made with, as the workers' inputs.npz; the batch size.
+    A reference gives its ``input_shape`` (and a file-name-safe ``name``): its batch needs no model."""
     from edgevit.api import _prepare_subject
+    from edgevit.references import example_inputs
 
-    subject = _prepare_subject(model, None, input_size, None, 0)
+    if input_shape is not None:
+        tensors = example_inputs(model, input_shape)
+        path = where / f"{name or model}-{'x'.join(map(str, input_shape))}.npz"
+    else:
+        tensors = _prepare_subject(model, None, input_size, None, 0).example_inputs
+        path = where / f"{model}-{input_size}.npz"
     where.mkdir(parents=True, exist_ok=True)
-    path = where / f"{model}-{input_size}.npz"
-    arrays = [t.detach().numpy() for t in subject.example_inputs]
+    arrays = [t.detach().numpy() for t in tensors]
     np.savez(path, *arrays)
     return path, int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
 
@@ -194,8 +259,6 @@ def roofline(precisions: list[str], opts: BenchOptions, note: Progress) -> list[
 
 def run_bench(opts: BenchOptions, note: Progress = lambda msg, n: None) -> dict[str, Any]:
     """The whole bench; returns the result document (see ``devices/report.py`` for its writers)."""
-    from edgevit.registry import model_info
-
     devices = check_options(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
     gemm_precisions = ["fp32"] + ([opts.precision] if opts.precision != "fp32" else [])
@@ -203,27 +266,27 @@ def run_bench(opts: BenchOptions, note: Progress = lambda msg, n: None) -> dict[
     bound = {g["precision"]: g["gflops"] for g in gemm if g.get("gflops")}
     rows: list[dict[str, Any]] = []
     for model in opts.models:
-        info0 = model_info(model)
-        size = opts.input_size or info0.input_size
-        info = model_info(model, size)
-        inputs, batch = _save_inputs(info.name, size, opts.out / "inputs")
+        bm = bench_model(model, opts)
+        size, shape = bm.input_size, bm.input_shape
+        inputs, batch = _save_inputs(bm.arg, size, opts.out / "inputs", shape, bm.name)
         configs, skipped = [], []
         for device in devices:
-            meta = {"model": info.name, "input_size": size, "device": device.name, "precision": opts.precision,
-                    "params": info.params, "macs": info.macs, "batch": batch}
+            meta = {"model": bm.name, "input_size": size, "device": device.name, "precision": opts.precision,
+                    "params": bm.params, "macs": bm.macs, "batch": batch}
             artifact = None
             if device.target is not None:
-                note(f"export {info.name} -> {device.name}", 0)
-                exported = export_cached(info.name, size, device, device.export_precision(opts.precision), opts)
+                note(f"export {bm.name} -> {device.name}", 0)
+                exported = export_cached(bm.arg, size, device, device.export_precision(opts.precision), opts,
+                                         shape, bm.name)
                 if exported.get("status") == "error":
                     skipped.append(meta | {"status": "export-failed", "detail": exported.get("error", "")})
-                    note(f"export {info.name} -> {device.name} failed", opts.rounds + 1)
+                    note(f"export {bm.name} -> {device.name} failed", opts.rounds + 1)
                     continue
                 artifact = exported["artifact_path"]
                 meta |= {"artifact": artifact, "export_cached": exported["cached"],
                          "parity": exported.get("status"), "passes": exported.get("passes", {}).get("pipeline")}
-            configs.append(_config(f"{info.name} {device.name}", device, opts.precision, opts, artifact,
-                                   inputs, info.name, size, meta))
+            configs.append(_config(f"{bm.name} {device.name}", device, opts.precision, opts, artifact,
+                                   inputs, bm.arg, size, meta, shape))
         measured = measure(configs, opts.protocol(), lambda msg: note(msg, 1))
         rows += _rows(measured, bound) + skipped
     return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

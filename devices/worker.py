@@ -296,7 +296,11 @@ class TorchEagerSession(Session):
 
             self.model = LinearChain([call_from_list(c) for c in opts["floor"]], seed).eval()
         else:
-            self.model = _prepare_subject(opts["model"], None, opts.get("input_size"), None, seed).model
+            # a reference (Hugging Face folder, module:factory) comes with its shape; the values do not matter,
+            # the timed inputs are the saved batch
+            shape = opts.get("input_shape")
+            example = torch.zeros(shape) if shape else None
+            self.model = _prepare_subject(opts["model"], example, opts.get("input_size"), None, seed).model
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.get("precision", "fp32")]
         if self.dtype != torch.float32:
             self.model = self.model.to(self.dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -30,10 +32,13 @@ from edgevit.export.manifest import (
 from edgevit.export.parity import ParityReport, compare
 from edgevit.export.passes import PipelineResult, resolve_passes, run_pipeline
 from edgevit.export.targets import Target, get_target, resolve_precision
+from edgevit.references import ResolvedModel, image_batch, is_reference, resolve_model
 from edgevit.registry import ModelInfo, check_input_size, create_model, model_info
-from edgevit.weights import exercise_all_parameters
+from edgevit.weights import INIT_MODES, exercise_all_parameters, exercise_weights
 
 PARITY_SAMPLES = 3
+STRICT_PASSES_ENV = "EDGEVIT_STRICT_PASSES"  # "1": strict_passes defaults to True
+_log = logging.getLogger("edgevit.export")
 
 
 @dataclass
@@ -59,6 +64,7 @@ class _Subject:
     example_inputs: tuple[torch.Tensor, ...]
     seed: int
     weights: Path | None = None
+    reference: ResolvedModel | None = None  # a Hugging Face folder or module:factory (edgevit.references)
 
 
 def export_model(
@@ -77,6 +83,8 @@ def export_model(
     passes: str | Sequence[str] | None = "auto",
     accelerator: str | None = None,
     compare_without_passes: bool = False,
+    strict_passes: bool | None = None,
+    init: str = "keep",
 ) -> ExportResult:
     """Export a zoo model (by name) or any module to ``target``, check parity, write a manifest.
 
@@ -86,6 +94,13 @@ def export_model(
     accelerator), ``"none"``, or pass names; the manifest records each pass's sites and numerical change.
     ``compare_without_passes`` also converts the unrewritten program and records its parity (or its
     conversion error) next to the pipeline's, at the cost of a second conversion.
+    A pass that raises, breaks the graph or moves the outputs beyond its bound is rolled back (recorded in
+    the manifest as ``passes.applied[i].status == "rolled back"``, with a warning); ``strict_passes`` makes
+    that an error instead (default: off, unless the environment sets ``EDGEVIT_STRICT_PASSES=1``, as
+    edgevit's own test suite does, so that a pass bug fails a test instead of being absorbed).
+    ``init="exercise"`` re-initialises a user module's weights (seeded by ``seed``)
+    so every layer passes signal (see :func:`edgevit.weights.exercise_weights`); ``"keep"`` (default)
+    exports the weights it has.
     A parity failure still writes both (the manifest says ``failed``) and then raises
     :class:`~edgevit.errors.ParityError`, whose ``result`` attribute holds the :class:`ExportResult`.
     """
@@ -94,9 +109,12 @@ def export_model(
     acc = tgt.accelerator(accelerator).name
     pass_names = resolve_passes(passes, tgt.name, acc)
     tgt.check_installed()
-    subject = _prepare_subject(model_or_name, example_inputs, input_size, name, seed, weights)
+    if strict_passes is None:
+        strict_passes = os.environ.get(STRICT_PASSES_ENV) == "1"
+    subject = _prepare_subject(model_or_name, example_inputs, input_size, name, seed, weights, init)
     out_dir = prepare_out_dir(Path(out))
-    pipeline = run_pipeline(subject.model, subject.example_inputs, pass_names, _parity_inputs(subject))
+    pipeline = run_pipeline(subject.model, subject.example_inputs, pass_names, _parity_inputs(subject),
+                            strict=strict_passes)
     with torch.no_grad():
         example_out = subject.model(*subject.example_inputs)
     names = output_names(example_out)
@@ -104,21 +122,16 @@ def export_model(
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # the old manifest must not vouch for new files
     staging = Path(tempfile.mkdtemp(prefix=".edgevit-tmp-", dir=out_dir))
     try:
-        staged = staging / f"{subject.name}{tgt.suffix}"
-        _convert(tgt, pipeline, subject.example_inputs, staged, precision)
-        if verify:
-            parity = _verify(tgt, staged, subject, names, precision, latency_runs, _reference_outputs(pipeline))
-            _gate_exact_passes(parity, pipeline, names)
-        else:
-            parity = ParityReport("skipped", precision, detail="--no-verify: parity not checked")
+        build = _Build(tgt, subject, names, precision, verify, latency_runs)
+        parity, pipeline, rollback = build.with_fallback(pipeline, staging, strict_passes)
         without = _without_passes(tgt, subject, names, precision, staging) if compare_without_passes else None
-        files = [out_dir / f.name for f in sorted(staging.iterdir())]
-        for f in sorted(staging.iterdir()):
-            place(f, out_dir / f.name)
-        artifact = out_dir / staged.name
+        files = [out_dir / f.name for f in sorted(staging.iterdir()) if not f.name.startswith(".")]
+        for f in files:
+            place(staging / f.name, f)
+        artifact = out_dir / f"{subject.name}{tgt.suffix}"
         manifest = _manifest(tgt, subject, precision, artifact, files, parity, example_out, names)
         manifest["accelerator"] = acc
-        manifest["passes"] = _passes_record(passes, pass_names, pipeline, parity, without)
+        manifest["passes"] = _passes_record(passes, pass_names, pipeline, parity, without) | {"rollback": rollback}
         manifest_path = out_dir / MANIFEST_NAME
         write_json_atomic(manifest_path, manifest)
     finally:
@@ -129,6 +142,72 @@ def export_model(
     return result
 
 
+@dataclass
+class _Build:
+    """Convert + verify one pipeline's graph into a staging directory; fall back to no passes if needed."""
+
+    tgt: Target
+    subject: _Subject
+    names: list[str]
+    precision: str
+    verify: bool
+    latency_runs: int
+
+    def run(self, pipeline: PipelineResult, where: Path) -> ParityReport:
+        staged = where / f"{self.subject.name}{self.tgt.suffix}"
+        _convert(self.tgt, pipeline, self.subject.example_inputs, staged, self.precision)
+        if not self.verify:
+            return ParityReport("skipped", self.precision, detail="--no-verify: parity not checked")
+        parity = _verify(self.tgt, staged, self.subject, self.names, self.precision, self.latency_runs,
+                         _reference_outputs(pipeline))
+        _gate_exact_passes(parity, pipeline, self.names)
+        return parity
+
+    def with_fallback(self, pipeline: PipelineResult, staging: Path,
+                      strict: bool) -> tuple[ParityReport, PipelineResult, dict[str, Any] | None]:
+        """Build with the passes; if that fails to convert or fails parity, build without them.
+
+        Passes must never make a model worse: a model that converts with ``--passes none`` converts with
+        ``--passes auto``. The artifact without passes is kept when it converts and does not fail parity;
+        every pass that rewrote something is then marked rolled back, with the reason. ``strict`` (or a
+        pipeline that rewrote nothing) keeps the first outcome.
+        """
+        try:
+            parity, why = self.run(pipeline, staging), None
+            if parity.status == "failed":
+                why = f"parity failed with the passes: {parity.detail or 'outputs beyond the bound'}"
+        except EdgevitError as exc:
+            parity, why, error = None, f"the converter failed on the rewritten graph: {exc}", exc
+        rewrote = any(r.sites for r in pipeline.reports)
+        if why is None or not rewrote or strict:
+            if parity is None:
+                raise error
+            return parity, pipeline, None
+        bare = PipelineResult(self.subject.model, self.subject.example_inputs, [], 0.0,
+                              pipeline.references, pipeline.references)
+        scratch = staging / ".without-passes-fallback"
+        scratch.mkdir()
+        try:
+            fallback = self.run(bare, scratch)
+        except EdgevitError:
+            if parity is None:
+                raise error from None  # fails without passes too: the converter's own limit
+            return parity, pipeline, {"tried": "without passes", "reason": why, "outcome": "conversion failed"}
+        if parity is not None and fallback.status == "failed":
+            return parity, pipeline, {"tried": "without passes", "reason": why, "outcome": "parity failed too"}
+        for f in staging.iterdir():
+            if f != scratch:
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        for f in scratch.iterdir():
+            f.rename(staging / f.name)
+        _log.warning("%s -> %s: passes rolled back (%s)", self.subject.name, self.tgt.name, why)
+        for r in pipeline.reports:
+            if r.sites:
+                r.roll_back(f"whole pipeline rolled back: {why}")
+        pipeline.max_abs_change, pipeline.outputs = 0.0, pipeline.references
+        return fallback, pipeline, {"tried": "without passes", "reason": why, "outcome": "used"}
+
+
 def _prepare_subject(
     model_or_name: nn.Module | str,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None,
@@ -136,7 +215,12 @@ def _prepare_subject(
     name: str | None,
     seed: int,
     weights: str | os.PathLike | None = None,
+    init: str = "keep",
 ) -> _Subject:
+    if init not in INIT_MODES:
+        raise EdgevitError(f"unknown init '{init}'; choose one of: {', '.join(INIT_MODES)}")
+    if isinstance(model_or_name, str) and is_reference(model_or_name):  # zoo names never get here
+        return _reference_subject(model_or_name, example_inputs, input_size, name, seed, weights, init)
     if isinstance(model_or_name, str):
         info = model_info(model_or_name)
         size = check_input_size(info, input_size or info.input_size)
@@ -155,20 +239,47 @@ def _prepare_subject(
         raise EdgevitError("weights= applies to zoo models; load your module's weights before exporting it")
     if example_inputs is None:
         raise EdgevitError("example_inputs are required to export a module that is not in the zoo")
+    if init == "exercise":  # on a copy: the caller's module keeps its weights
+        model_or_name = exercise_weights(copy.deepcopy(model_or_name), seed)
     return _Subject(model_or_name.eval(), name or type(model_or_name).__name__, None, _as_tuple(example_inputs), seed)
 
 
+def _reference_subject(
+    ref: str,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None,
+    input_size: int | None,
+    name: str | None,
+    seed: int,
+    weights: str | os.PathLike | None,
+    init: str,
+) -> _Subject:
+    """A Hugging Face folder or ``module:factory`` string, built by :func:`edgevit.references.resolve_model`.
+
+    Given ``example_inputs`` are used as they are and fix the input shape (the CLI passes the seeded
+    batch of ``--input-shape``); without them a folder's config gives the shape and a factory fails.
+    """
+    shape = tuple(_as_tuple(example_inputs)[0].shape) if example_inputs is not None else None
+    resolved = resolve_model(ref, shape, weights, None if shape else input_size, seed)
+    if init == "exercise":  # freshly built: no copy needed, the manifest says the weights were replaced
+        resolved.module, resolved.init = exercise_weights(resolved.module, seed), "exercise"
+    inputs = _as_tuple(example_inputs) if example_inputs is not None else resolved.example_inputs
+    return _Subject(resolved.module.eval(), name or resolved.name, None, inputs, seed, resolved.weights, resolved)
+
+
 def _as_tuple(inputs: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    """Example inputs as a tuple of dense (contiguous) tensors.
+
+    A runtime's input is a dense array, whatever the example's strides: a channels-last example would
+    only make ``torch.export`` record a non-default dim order, which coremltools rejects ("Core ML does
+    not have general support for non-contiguous dim order"). The values are the same.
+    """
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    return tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
 def _image_batch(info: ModelInfo, size: int, seed: int) -> torch.Tensor:
     """A seeded image-like batch of one: uniform [0, 1] pixels, normalised as the model expects."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(1, 3, size, size, generator=gen)
-    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
-    std = torch.tensor(info.std).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return image_batch((1, 3, size, size), info.mean, info.std, seed)
 
 
 def _parity_inputs(subject: _Subject) -> list[tuple[torch.Tensor, ...]]:
@@ -176,6 +287,10 @@ def _parity_inputs(subject: _Subject) -> list[tuple[torch.Tensor, ...]]:
     for k in range(1, PARITY_SAMPLES + 1):
         if subject.info is not None:
             samples.append((_image_batch(subject.info, subject.example_inputs[0].shape[-1], subject.seed + k),))
+            continue
+        ref = subject.reference
+        if ref is not None and ref.mean is not None:  # a folder's images, normalised by its preprocessor
+            samples.append((image_batch(subject.example_inputs[0].shape, ref.mean, ref.std, subject.seed + k),))
             continue
         gen = torch.Generator().manual_seed(subject.seed + k)
         samples.append(
@@ -322,27 +437,30 @@ def _manifest(
     example_out: Any,
     names: list[str],
 ) -> dict[str, Any]:
-    info = subject.info
+    info, ref = subject.info, subject.reference
     return {
         "schema": SCHEMA_VERSION,
         "status": parity.status,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "name": subject.name,
-            "source": "zoo" if info else "user",
+            "source": "zoo" if info else (ref.kind if ref else "user"),
+            **({"reference": ref.source} if ref else {}),  # the folder or module:factory it was built from
             "family": info.family if info else None,
             "variant": info.extra if info else None,
             "paper": info.paper if info else None,
             "params": info.params if info else sum(p.numel() for p in subject.model.parameters()),
             "macs": info.macs if info else None,
-            "weights": {"path": str(subject.weights), "sha256": sha256_of(subject.weights)} if subject.weights
+            "weights": ref.weights_record(subject.seed) if ref
+            else {"path": str(subject.weights), "sha256": sha256_of(subject.weights)} if subject.weights
             else (f"random, seed {subject.seed}, every parameter exercised" if info else "user module"),
         },
         "inputs": [
             {"name": f"input_{i}", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
             for i, t in enumerate(subject.example_inputs)
         ],
-        "normalisation": {"mean": info.mean, "std": info.std} if info else None,
+        "normalisation": {"mean": info.mean, "std": info.std} if info
+        else ({"mean": list(ref.mean), "std": list(ref.std)} if ref and ref.mean else None),
         "outputs": [{"name": n, "shape": list(t.shape)} for n, t in zip(names, flatten_outputs(example_out))],
         "target": tgt.name,
         "precision": precision,

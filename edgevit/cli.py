@@ -142,6 +142,17 @@ def passes_cmd(
     out_console.print(table)
 
 
+_MODEL_HELP = ("Zoo model name (see 'edgevit models'), a saved Hugging Face folder (config.json + weights), "
+               "or package.module:factory (a callable returning an nn.Module; needs --input-shape).")
+_INPUT_SHAPE_HELP = "Input shape of a folder or module:factory, e.g. 1,3,224,224 [default: a folder's config]."
+
+
+def _parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    from edgevit.references import parse_input_shape
+
+    return parse_input_shape(text) if text else None
+
+
 @dataclass
 class _ExportOptions:
     """The export flags a parent forwards to each per-target child process."""
@@ -154,20 +165,25 @@ class _ExportOptions:
     passes: str = "auto"
     accelerator: Optional[str] = None
     compare_without_passes: bool = False
+    input_shape: Optional[tuple[int, ...]] = None  # references only; the parent fills in the full shape
+    init: str = "keep"
+    strict_passes: bool = False
 
     def to_flags(self) -> list[str]:
-        flags = ["--latency-runs", str(self.latency_runs), "--passes", self.passes]
+        flags = ["--latency-runs", str(self.latency_runs), "--passes", self.passes, "--init", self.init]
+        shape = ",".join(map(str, self.input_shape)) if self.input_shape else None
         for flag, value in (("--weights", self.weights), ("--input-size", self.input_size),
-                            ("--precision", self.precision), ("--accelerator", self.accelerator)):
+                            ("--precision", self.precision), ("--accelerator", self.accelerator),
+                            ("--input-shape", shape)):
             if value:
                 flags += [flag, str(value)]
         flags += ["--no-verify"] * self.no_verify + ["--compare-without-passes"] * self.compare_without_passes
-        return flags
+        return flags + ["--strict-passes"] * self.strict_passes
 
 
 @app.command("export")
 def export_cmd(
-    model: str = typer.Argument(..., help="Zoo model name (see 'edgevit models')."),
+    model: str = typer.Argument(..., help=_MODEL_HELP),
     target: str = typer.Option(..., "--target", "-t", help="onnx, coreml, tflite, openvino, or 'all'."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output directory [default: exports/MODEL/TARGET; with 'all': exports/MODEL]."
@@ -175,7 +191,14 @@ def export_cmd(
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size [default: the model's]."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 [default: the target's]."),
     weights: Optional[Path] = typer.Option(
-        None, "--weights", help="Checkpoint (.safetensors or torch file, read weights-only) [default: random, seed 0]."
+        None, "--weights", help="Checkpoint (.safetensors or torch file, read weights-only, loaded strictly) "
+        "[default: zoo: random, seed 0; folder: its own weights; factory: its own init]."
+    ),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help=_INPUT_SHAPE_HELP),
+    init: str = typer.Option("keep", "--init", help="'keep' the weights, or 'exercise': re-initialise them so "
+                             "every layer passes signal (random-weight parity of third-party models)."),
+    strict_passes: bool = typer.Option(
+        False, "--strict-passes", help="A pass that fails or breaks parity is an error, not rolled back."
     ),
     passes: str = typer.Option(
         "auto", "--passes", help="'auto' (the target's pipeline), 'none', or pass names, comma-separated."
@@ -196,35 +219,44 @@ def export_cmd(
     Each target converts in its own process with a timeout, so a converter crash or hang costs only
     its row. With --target all, artifacts go to OUT/TARGET.
     """
-    from edgevit.export.targets import TARGETS
 
-    opts = _ExportOptions(input_size, precision, no_verify, latency_runs, weights, passes, accelerator,
-                          compare_without_passes)
     try:
-        info, targets = _check_export_args(model, target, opts)
-        base = out or (Path("exports") / info.name if target == "all" else Path("exports") / info.name / target)
+        opts = _ExportOptions(input_size, precision, no_verify, latency_runs, weights, passes, accelerator,
+                              compare_without_passes, _parse_shape(input_shape), init, strict_passes)
+        name, arg, targets = _check_export_args(model, target, opts, resolve=not in_process)
+        base = out or (Path("exports") / name if target == "all" else Path("exports") / name / target)
         prepare_out_dir(base)
     except EdgevitError as exc:
         _fail(str(exc), exc.exit_code)
     if in_process:
-        manifest = _export_here(info.name, targets[0], base, opts)
+        manifest = _export_here(arg, targets[0], base, opts)
         out_console.file.write(json.dumps([manifest]) + "\n")
         raise typer.Exit(_exit_code([manifest]))
     outs = {t: base / t if target == "all" else base for t in targets}
-    manifests = _export_isolated(info.name, outs, opts.to_flags(), quiet=as_json)
+    manifests = _export_isolated(arg, outs, opts.to_flags(), quiet=as_json)
     if target != "all" and manifests[0]["status"] == "error":
         _fail(manifests[0]["error"])
     _report(manifests, as_json)
     raise typer.Exit(_exit_code(manifests))
 
 
-def _check_export_args(model: str, target: str, opts: _ExportOptions) -> tuple[Any, list[str]]:
-    """Every argument error as a one-line EdgevitError, before any child process starts."""
+def _check_export_args(model: str, target: str, opts: _ExportOptions,
+                       resolve: bool = True) -> tuple[str, str, list[str]]:
+    """Every argument error as a one-line EdgevitError, before any child process starts.
+
+    Returns the model's name (for paths and titles), the model argument the export child gets (the
+    canonical zoo name, or the reference) and the targets. ``resolve=False`` (in the child) skips building
+    a reference: export_model builds it next anyway.
+    """
     from edgevit.export.passes import resolve_passes
     from edgevit.export.targets import PRECISIONS, TARGETS, get_target
-    from edgevit.registry import check_input_size, model_info
+    from edgevit.references import is_reference
+    from edgevit.weights import INIT_MODES
 
-    info = model_info(model)
+    reference = is_reference(model)
+    info = None if reference else _zoo_info(model, opts)
+    if opts.init not in INIT_MODES:
+        raise EdgevitError(f"unknown --init '{opts.init}'; choose one of: {', '.join(INIT_MODES)}")
     targets = list(TARGETS) if target == "all" else [get_target(target).name]
     if opts.precision is not None and opts.precision not in PRECISIONS:
         raise EdgevitError(f"unknown precision '{opts.precision}'; choose one of: {', '.join(PRECISIONS)}")
@@ -232,31 +264,62 @@ def _check_export_args(model: str, target: str, opts: _ExportOptions) -> tuple[A
         raise EdgevitError("--accelerator applies to one target; pick it with --target")
     for t in targets:
         resolve_passes(opts.passes, t, TARGETS[t].accelerator(opts.accelerator).name)
-    check_input_size(info, opts.input_size or info.input_size)
     if opts.weights is not None:
+        opts.weights = opts.weights.resolve()  # the child may not share our idea of relative paths
+    if info is not None and opts.weights is not None:
         from edgevit.registry import create_model
 
-        opts.weights = opts.weights.resolve()
         create_model(info.name, weights=opts.weights, img_size=opts.input_size or info.input_size)  # fail early
     if target != "all":
         tgt = TARGETS[targets[0]]
         resolve_precision(tgt, opts.precision)
         tgt.check_installed()
-    return info, targets
+    if info is not None:
+        return info.name, info.name, targets
+    return (*_check_reference(model, opts, resolve), targets)
+
+
+def _zoo_info(model: str, opts: _ExportOptions) -> Any:
+    """The zoo entry of ``model`` (unknown names: the 'did you mean' error), its input size checked."""
+    from edgevit.registry import check_input_size, model_info
+
+    info = model_info(model)
+    if opts.input_shape is not None:
+        raise EdgevitError(f"--input-shape applies to a Hugging Face folder or a module:factory; "
+                           f"zoo model '{info.name}' takes --input-size")
+    check_input_size(info, opts.input_size or info.input_size)
+    return info
+
+
+def _check_reference(model: str, opts: _ExportOptions, resolve: bool) -> tuple[str, str]:
+    """Build a folder or factory once (bad references fail here, in one line), run it on its input,
+    and pin the full input shape in ``opts``, so that children rebuild exactly this model."""
+    from edgevit.references import check_forward, resolve_model
+
+    if not resolve:
+        return model, model
+    resolved = resolve_model(model, opts.input_shape, opts.weights, opts.input_size)
+    check_forward(resolved)
+    opts.input_shape = resolved.input_shape
+    return resolved.name, resolved.reference
 
 
 def _export_here(model: str, target: str, out: Path, opts: _ExportOptions) -> dict[str, Any]:
     """The child's side: export in this process, converters' prints kept off stdout."""
     from edgevit.api import export_model
     from edgevit.errors import ParityError
+    from edgevit.references import example_inputs
 
     try:
+        # a reference's shape travels as --input-shape; its seeded batch is what the parent ran
+        inputs = example_inputs(model, opts.input_shape) if opts.input_shape else None
         with _StdoutToStderr():
             result = export_model(
-                model, target=target, out=out, precision=opts.precision, verify=not opts.no_verify,
+                model, inputs, target=target, out=out, precision=opts.precision, verify=not opts.no_verify,
                 input_size=opts.input_size, latency_runs=opts.latency_runs, weights=opts.weights,
                 passes=opts.passes, accelerator=opts.accelerator,
-                compare_without_passes=opts.compare_without_passes,
+                compare_without_passes=opts.compare_without_passes, strict_passes=opts.strict_passes or None,
+                init=opts.init,
             )
     except ParityError as exc:
         result = exc.result
@@ -347,8 +410,12 @@ def _report(manifests: list[dict], as_json: bool) -> None:
         issues = ((m.get("parity") or {}).get("fp16_range") or {}).get("issues")
         if issues:
             out_console.print(f"{m['target']}: {len(issues)} op(s) misbehave in fp16 (see 'edgevit inspect "
-                              f"{m['model']['name']} -t coreml'): " + "; ".join(i["op"] for i in issues[:5]),
+                              f"{m['model'].get('reference', m['model']['name'])} -t coreml'): " + "; ".join(i["op"] for i in issues[:5]),
                               highlight=False)
+    for m in manifests:
+        for r in _rolled_back(m):  # the passes never cost a model its export, but the user must know
+            err_console.print(f"[yellow]warning:[/] {m['target']}: pass {r['name']} rolled back: "
+                              f"{escape(r['reason'] or '')}", highlight=False, soft_wrap=True)
     for m in manifests:
         if m["status"] == "error":
             err_console.print(f"[red]{m['target']}:[/] {escape(m['error'])}", highlight=False, soft_wrap=True)
@@ -362,13 +429,14 @@ def _report(manifests: list[dict], as_json: bool) -> None:
 
 @app.command("inspect")
 def inspect_cmd(
-    model: str = typer.Argument(..., help="Zoo model name (see 'edgevit models')."),
+    model: str = typer.Argument(..., help=_MODEL_HELP),
     target: str = typer.Option(..., "--target", "-t", help="onnx, coreml, tflite or openvino."),
     accelerator: Optional[str] = typer.Option(
         None, "--accelerator", "-a", help="One accelerator of the target [default: every one of them]."
     ),
     passes: str = typer.Option("auto", "--passes", help="'auto' (each accelerator's pipeline), 'none', or names."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size [default: the model's]."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help=_INPUT_SHAPE_HELP),
     keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the inspected artifacts in this directory."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 unless every accelerator takes the whole model."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -383,19 +451,20 @@ def inspect_cmd(
     from edgevit.export.passes import resolve_passes
     from edgevit.export.targets import get_target
 
-    opts = _ExportOptions(input_size=input_size, no_verify=True, latency_runs=0, passes=passes)
     try:
+        opts = _ExportOptions(input_size=input_size, no_verify=True, latency_runs=0, passes=passes,
+                              input_shape=_parse_shape(input_shape))
         tgt = get_target(target)
         accs = [tgt.accelerator(accelerator).name] if accelerator else [a.name for a in tgt.accelerators]
-        info, _ = _check_export_args(model, tgt.name, opts)
+        name, arg, _ = _check_export_args(model, tgt.name, opts)
         pipelines = {a: resolve_passes(passes, tgt.name, a) for a in accs}
         if keep is not None:
             prepare_out_dir(keep)
     except EdgevitError as exc:
         _fail(str(exc), exc.exit_code)
     with tempfile.TemporaryDirectory(prefix="edgevit-inspect-") as tmp:
-        rows = _inspect_rows(info.name, tgt.name, pipelines, opts, keep or Path(tmp), quiet=as_json)
-    _inspect_report(info.name, tgt.name, rows, as_json)
+        rows = _inspect_rows(arg, tgt.name, pipelines, opts, keep or Path(tmp), quiet=as_json)
+    _inspect_report(name, tgt.name, rows, as_json)
     whole = all(r.get("coverage", {}).get("whole") for r in rows)
     raise typer.Exit(2 if any("error" in r for r in rows) else (1 if strict and not whole else 0))
 
@@ -432,10 +501,14 @@ def _fp16_range(model: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """The fp16 range report of a Core ML artifact on a seeded image (the MIL reference executor)."""
     from edgevit.api import _image_batch
     from edgevit.devices.mil import fp16_range_report, load_program
+    from edgevit.references import example_inputs, is_reference
     from edgevit.registry import model_info
 
-    size = manifest["inputs"][0]["shape"][-1]
-    x = _image_batch(model_info(model, size), size, seed=1).numpy()
+    shape = manifest["inputs"][0]["shape"]
+    if is_reference(model):
+        x = example_inputs(model, shape, seed=1)[0].numpy()
+    else:
+        x = _image_batch(model_info(model, shape[-1]), shape[-1], seed=1).numpy()
     return fp16_range_report(load_program(Path(manifest["artifact_path"])), [x])
 
 
@@ -509,7 +582,7 @@ def devices_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
 @app.command("bench")
 def bench_cmd(
     device: str = typer.Option("cpu", "--device", "-d", help="'cpu' (every CPU runtime here) or device names, comma-separated."),
-    models: Optional[str] = typer.Option(None, "--models", "-m", help="Zoo models, comma-separated [default: deit_tiny,mobilevit_v2_050]."),
+    models: Optional[str] = typer.Option(None, "--models", "-m", help="Zoo models, Hugging Face folders or module:factory references, comma-separated [default: deit_tiny,mobilevit_v2_050]."),
     targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Keep these targets' runtimes (eager stays)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (each runtime's way of running it)."),
     runs: int = typer.Option(40, "--runs", help="Timed inferences per configuration."),
@@ -519,6 +592,7 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads per runtime [default: all cores]."),
     passes: str = typer.Option("auto", "--passes", help="Export pass pipeline: auto, none, or names."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size [default: each model's]."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape of the folders and module:factory references in --models, e.g. 1,3,224,224."),
     profile: bool = typer.Option(False, "--profile", help="Also collect each runtime's per-op profile (top ops)."),
     no_roofline: bool = typer.Option(False, "--no-roofline", help="Skip the GEMM throughput measurement."),
     out: Path = typer.Option(Path("bench"), "--out", "-o", help="Report directory (exports cached in OUT/cache)."),
@@ -526,20 +600,22 @@ def bench_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here ('-': stdout only)."),
     timeout: float = typer.Option(300, "--timeout", help="Seconds a runtime may take to load or to run one block."),
 ) -> None:
-    """Measure inference latency of zoo models on every runtime of a device, against PyTorch eager.
+    """Measure inference latency of models (zoo or references) on every runtime of a device, against PyTorch eager.
 
     Exports are cached by content hash, so re-runs only measure. Writes OUT/bench.json, bench.csv,
     latency_vs_macs.png and report.md, and prints the table.
     """
     from edgevit.devices.bench import DEFAULT_MODELS, BenchOptions, check_options, run_bench
     from edgevit.devices.report import TABLE_HEADER, gemm_lines, table_rows, write_all
+    from edgevit.references import split_model_list
 
-    opts = BenchOptions(models=_split(models) or list(DEFAULT_MODELS), device=device, targets=_split(targets),
-                        precision=precision, runs=runs, rounds=rounds, warmup=warmup, threads=threads,
-                        passes=passes, input_size=input_size, out=out, cache=cache, profile=profile,
+    opts = BenchOptions(models=split_model_list(models or "") or list(DEFAULT_MODELS), device=device,
+                        targets=_split(targets), precision=precision, runs=runs, rounds=rounds, warmup=warmup,
+                        threads=threads, passes=passes, input_size=input_size, out=out, cache=cache, profile=profile,
                         roofline=not no_roofline, budget_s=budget, run_timeout_s=timeout)
     to_stdout = json_path is not None and str(json_path) == "-"
     try:
+        opts.input_shape = _parse_shape(input_shape)
         devices = check_options(opts)
         prepare_out_dir(out)
     except EdgevitError as exc:
@@ -588,16 +664,29 @@ def _bench_with_progress(opts: Any, devices: list, quiet: bool, run: Any) -> dic
 def _passes_cell(manifest: dict) -> str:
     record = manifest.get("passes") or {}
     applied = [r for r in record.get("applied", []) if r["sites"]]
-    return f"{len(applied)}/{len(record.get('pipeline', []))} ({record.get('sites_total', 0)})"
+    cell = f"{len(applied)}/{len(record.get('pipeline', []))} ({record.get('sites_total', 0)})"
+    rolled = _rolled_back(manifest)
+    return f"{cell} [yellow]{len(rolled)} rolled back[/]" if rolled else cell
+
+
+def _rolled_back(manifest: dict) -> list[dict]:
+    return [r for r in (manifest.get("passes") or {}).get("applied", []) if r.get("status") == "rolled back"]
 
 
 def _quiet_third_party() -> None:
     """Keep converters' chatter (C++ logs, tqdm bars, deprecation warnings) out of the user's terminal."""
-    for var, value in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("GLOG_minloglevel", "2"), ("TQDM_DISABLE", "1")):
+    # transformers (Hugging Face folders) logs weight-loading notes and bars, and never goes online here
+    for var, value in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("GLOG_minloglevel", "2"), ("TQDM_DISABLE", "1"),
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("HF_HUB_OFFLINE", "1"),
+                       # `import torch` resets the torch logger to WARNING: only its env var keeps it at ERROR
+                       # (torchao, imported by transformers, logs pytree deprecations through it)
+                       ("TORCH_LOGS", "-all")):
         os.environ.setdefault(var, value)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
-    logging.getLogger("torch").setLevel(logging.ERROR)
+    for logger in ("torch", "torchao", "transformers"):  # torchao: optional kernels it cannot load, at import
+        logging.getLogger(logger).setLevel(logging.ERROR)
 
 
 def main() -> None:

@@ -54,8 +54,11 @@ def structural_check(path: Path, example_inputs: tuple, num_outputs: int) -> dic
         problems.append(f"input shapes {shapes} != {expected}")
     if len(spec.description.output) != num_outputs:
         problems.append(f"{len(spec.description.output)} outputs, PyTorch gives {num_outputs}")
-    if not any(path.glob("Data/com.apple.CoreML/weights/*.bin")):
-        problems.append("no weight blob in the package")
+    # An ML Program without weights (a pre/post-processing graph, a pure reshuffle) is valid and has no
+    # blob; a program whose consts point into a blob needs that file in the package.
+    for blob in sorted(_blob_files(spec)):
+        if not (path / "Data/com.apple.CoreML" / blob.removeprefix("@model_path/")).is_file():
+            problems.append(f"weight blob {blob} is missing from the package")
     return {
         "ok": not problems,
         "problems": problems,
@@ -63,6 +66,24 @@ def structural_check(path: Path, example_inputs: tuple, num_outputs: int) -> dic
         "inputs": [d.name for d in spec.description.input],
         "outputs": [d.name for d in spec.description.output],
     }
+
+
+def _blob_files(spec: Any) -> set[str]:
+    """The weight files (``@model_path/weights/weight.bin``) that the program's ops refer to."""
+    files: set[str] = set()
+
+    def walk(block: Any) -> None:
+        for op in block.operations:
+            for value in op.attributes.values():
+                if value.WhichOneof("value") == "blobFileValue":
+                    files.add(value.blobFileValue.fileName)
+            for inner in op.blocks:
+                walk(inner)
+
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            walk(block)
+    return files
 
 
 def versions() -> dict[str, str]:

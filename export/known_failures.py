@@ -16,3 +16,13 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 def known_failure(model: str, target: str) -> str | None:
     """The recorded reason ``model`` fails on ``target``, or None if it is expected to pass."""
     return KNOWN_FAILURES.get((model, target))
+
+
+# Third-party model code (tests/test_third_party.py: transformers' vision models and other code bases'
+# idioms): (corpus name, target) -> the converter's own error. Read the same way as KNOWN_FAILURES.
+THIRD_PARTY_KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+
+
+def third_party_known_failure(name: str, target: str) -> str | None:
+    """The recorded reason a third-party corpus model fails on ``target``, or None if it must pass."""
+    return THIRD_PARTY_KNOWN_FAILURES.get((name, target))

@@ -240,15 +240,24 @@ def _fully_masked_model() -> tuple[nn.Module, torch.Tensor]:
 
 def test_finite_masks_fp16_fully_masked_row() -> None:
     """In float16 the fp32-min sentinel is -inf: the fully masked row is NaN without the pass and finite
-    with it; the other rows are unchanged in fp32."""
+    with it; the other rows are unchanged in fp32. The fully masked row changes in fp32 too (uniform before,
+    a softmax of the logits after), beyond fp32 rounding of the model, so the pipeline rolls the pass back
+    on this model: parity against PyTorch's fp32 outputs could not pass either."""
+    from edgevit.export.passes import PASSES
+    from edgevit.export.passes.base import PassContext, annotate
+
     model, x = _fully_masked_model()
     plain = capture(model, (x,)).module().half()
     assert torch.isnan(_run(plain, x.half())[0, 0]).all()
-    r = run_pipeline(model, (x,), ["finite_masks"])
-    assert _sites(r, "finite_masks") == 1
-    fixed = _run(copy.deepcopy(r.model).half(), x.half())
+    gm = capture(model, (x,)).module()
+    annotate(gm, (x,))
+    assert PASSES["finite_masks"]().run(PassContext(gm, (x,))) == 1  # the pass alone, without the gate
+    gm.recompile()
+    fixed = _run(copy.deepcopy(gm).half(), x.half())
     assert torch.isfinite(fixed).all()
-    assert torch.equal(_run(r.model, x)[0, 1:], _run(model, x)[0, 1:])
+    assert torch.equal(_run(gm, x)[0, 1:], _run(model, x)[0, 1:])
+    report = run_pipeline(model, (x,), ["finite_masks"]).reports[0]
+    assert report.status == "rolled back" and "moved by" in report.reason
 
 
 def _coreml_fp16_constants(package: Path) -> list[np.ndarray]:
@@ -276,8 +285,9 @@ def _coreml_fp16_constants(package: Path) -> list[np.ndarray]:
 @pytest.mark.parametrize("which", ["buffer", "masked_fill"])
 def test_finite_masks_coreml_fp16_constant(tmp_path: Path, which: str) -> None:
     """coremltools 9.0 stores the mask sentinel as fp16 -inf (PR #2669's bug); after the pass it is -1e4."""
-    if which == "buffer":
+    if which == "buffer":  # rows partly masked only: a fully masked row rolls the pass back (test above)
         model, x = _fully_masked_model()
+        model.bias[0] = 0.0
     else:
         model = Fn(lambda m, x: torch.softmax(x.masked_fill(x < -60, float("-inf")), -1))
         x = -torch.rand(1, 4, 6) * 50 - 20

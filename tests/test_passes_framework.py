@@ -107,8 +107,8 @@ def test_manifest_records_the_pipeline(tmp_path: Path) -> None:
                           passes="select_to_slice", compare_without_passes=True)
     record = json.loads(result.manifest_path.read_text())["passes"]
     assert record["requested"] == "select_to_slice" and record["pipeline"] == ["select_to_slice"]
-    assert record["applied"] == [{"name": "select_to_slice", "sites": 0, "exact": True,
-                                  "max_abs_change": None, "notes": []}]
+    assert record["applied"] == [{"name": "select_to_slice", "status": "not applicable", "sites": 0, "exact": True,
+                                  "max_abs_change": None, "notes": [], "reason": None}]
     assert record["parity_cost"]["without_passes"]["status"] == "passed"
     assert record["parity_cost"]["artifact_max_abs_with_passes"] < 1e-5
 
@@ -175,3 +175,165 @@ def test_module_passes_run_before_capture_and_are_reported(monkeypatch: pytest.M
     ops = {str(n.target) for n in result.program.graph.nodes if n.op == "call_function"}
     assert any("hardtanh" in o for o in ops), ops
     assert result.max_abs_change == 0.0
+
+
+# --- passes never make a model worse: rollback ----------------------------------------------------
+
+from edgevit.export.passes.base import GraphPass, aten, is_op  # noqa: E402
+
+
+class _Residual(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x[:, 0] + 1) * 2
+
+
+class _Raises(GraphPass):
+    """Test pass that raises on its first site.
+
+    Why: a pass bug must cost only that pass.
+    """
+
+    name, wanted_by, order = "test_raises", ("*",), 1
+
+    def matches(self, ctx, node) -> bool:
+        return is_op(node, aten.relu)
+
+    def rewrite(self, ctx, node) -> None:
+        raise IndexError("tuple index out of range")
+
+
+class _WrongValues(GraphPass):
+    """Test pass that turns ``add`` into ``sub`` (runs, wrong numbers).
+
+    Why: a rewrite that moves the outputs beyond fp32 rounding is wrong.
+    """
+
+    name, wanted_by, order = "test_wrong_values", ("*",), 2
+
+    def matches(self, ctx, node) -> bool:
+        return is_op(node, aten.add)
+
+    def rewrite(self, ctx, node) -> None:
+        ctx.replace(node, ctx.call(aten.sub.Tensor, *node.args))
+
+
+class _BrokenGraph(GraphPass):
+    """Test pass that views a transposed tensor (the graph no longer runs).
+
+    Why: the stride bug strip_aliases once had.
+    """
+
+    name, wanted_by, order = "test_broken_graph", ("*",), 3
+
+    def matches(self, ctx, node) -> bool:
+        return is_op(node, aten.mul)
+
+    def rewrite(self, ctx, node) -> None:
+        t = ctx.call(aten.t.default, node.args[0])  # same values if view were allowed on a transpose
+        flat = ctx.call(aten.view.default, t, [-1])
+        back = ctx.call(aten.reshape.default, flat, list(ctx.shape(t)))
+        node.args = (ctx.call(aten.t.default, back), *node.args[1:])
+
+
+def _data_dependent(x: torch.Tensor) -> torch.Tensor:
+    return x if x.sum() > -1e30 else -x  # runs eagerly; torch.export cannot trace the branch
+
+
+class _Uncapturable(GraphPass):
+    """Test pass whose graph runs but cannot be captured again (a data-dependent branch).
+
+    Why: found only when the converter needs the program.
+    """
+
+    name, wanted_by, order = "test_uncapturable", ("*",), 4
+
+    def matches(self, ctx, node) -> bool:
+        return is_op(node, aten.relu)
+
+    def rewrite(self, ctx, node) -> None:
+        with ctx.graph.inserting_after(node):
+            branch = ctx.graph.call_function(_data_dependent, (node,))
+        node.replace_all_uses_with(branch, delete_user_cb=lambda user: user is not branch)
+
+
+@pytest.fixture
+def test_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cls in (_Raises, _WrongValues, _BrokenGraph, _Uncapturable):
+        monkeypatch.setitem(PASSES, cls.name, cls)
+
+
+@pytest.mark.parametrize("bad, reason", [("test_raises", "IndexError: tuple index out of range"),
+                                         ("test_wrong_values", "moved by"),
+                                         ("test_broken_graph", "the rewritten graph does not run")])
+def test_a_failing_pass_is_rolled_back_and_the_others_apply(test_passes, bad: str, reason: str) -> None:
+    x = torch.randn(2, 3, 4)
+    result = run_pipeline(_Residual(), (x,), [bad, "select_to_slice"])
+    record = {r.name: r.to_dict() for r in result.reports}
+    assert record[bad]["status"] == "rolled back" and reason in record[bad]["reason"]
+    assert record[bad]["sites"] == 0 and record[bad]["max_abs_change"] is None
+    assert record["select_to_slice"]["status"] == "applied" and record["select_to_slice"]["sites"] == 1
+    y = torch.randn(2, 3, 4)
+    assert torch.equal(result.program.module()(y), _Residual()(y))
+    assert not any(n.target in (aten.sub.Tensor,) for n in result.model.graph.nodes)
+
+
+@pytest.mark.parametrize("bad", ["test_raises", "test_wrong_values", "test_broken_graph"])
+def test_strict_passes_turn_a_rollback_into_an_error(test_passes, bad: str) -> None:
+    with pytest.raises(EdgevitError, match=f"pass '{bad}' failed"):
+        run_pipeline(_Residual(), (torch.randn(2, 3, 4),), [bad], strict=True)
+
+
+def test_a_graph_that_cannot_be_captured_is_replayed_to_find_the_pass(test_passes) -> None:
+    x = torch.randn(2, 3, 4)
+    result = run_pipeline(_Residual(), (x,), ["test_uncapturable", "select_to_slice"])
+    assert [r.status for r in result.reports] == ["applied", "applied"]  # runs in PyTorch: not caught yet
+    program = result.program  # the capture fails, the replay rolls back the pass responsible
+    record = {r.name: r for r in result.reports}
+    assert record["test_uncapturable"].status == "rolled back"
+    assert "cannot be captured" in record["test_uncapturable"].reason
+    assert record["select_to_slice"].status == "applied"
+    assert torch.equal(program.module()(x), _Residual()(x))
+
+
+def test_export_falls_back_to_no_passes_when_the_converter_fails_on_the_rewrite(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converter that cannot take what a pass wrote must not cost the model its export (--passes none
+    converts, so --passes auto must too); with strict_passes it is an error."""
+    import edgevit
+    from edgevit.export import onnx as onnx_target
+
+    real = onnx_target.convert
+
+    def picky(program, *args):
+        if any(is_op(n, aten.slice) for n in program.graph.nodes):
+            raise RuntimeError("Slice is not supported by this converter")
+        return real(program, *args)
+
+    monkeypatch.setattr(onnx_target, "convert", picky)
+    x = torch.randn(1, 3, 4)
+    result = edgevit.export_model(_Residual(), x, target="onnx", out=tmp_path / "a", passes="select_to_slice",
+                                  strict_passes=False)
+    record = result.manifest["passes"]
+    assert result.parity.status == "passed" and result.manifest["status"] == "passed"
+    assert record["rollback"]["outcome"] == "used" and "Slice is not supported" in record["rollback"]["reason"]
+    assert record["applied"][0]["status"] == "rolled back" and record["sites_total"] == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["_Residual.onnx", "manifest.json"]
+    with pytest.raises(EdgevitError, match="Slice is not supported"):
+        edgevit.export_model(_Residual(), x, target="onnx", out=tmp_path / "b", passes="select_to_slice",
+                             strict_passes=True)
+
+
+def test_cli_reports_rolled_back_passes(capsys: pytest.CaptureFixture) -> None:
+    """The table counts them and a warning names each one with its reason (the export itself passed)."""
+    from edgevit.cli import _passes_cell, _report
+
+    record = {"pipeline": ["strip_aliases", "select_to_slice"], "sites_total": 3, "applied": [
+        {"name": "strip_aliases", "status": "applied", "sites": 3, "reason": None},
+        {"name": "select_to_slice", "status": "rolled back", "sites": 0,
+         "reason": "the rewritten graph does not run: RuntimeError: view size (1 site(s) undone)"}]}
+    manifest = {"status": "passed", "target": "onnx", "precision": "fp32", "model": {"name": "m"},
+                "parity": {"outputs": []}, "passes": record}
+    assert "1 rolled back" in _passes_cell(manifest)
+    _report([manifest], as_json=False)
+    err = capsys.readouterr().err
+    assert "warning: onnx: pass select_to_slice rolled back: the rewritten graph does not run" in err

@@ -40,7 +40,8 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
+from edgevit.export.passes.aliasing import ViewRepairing, dynamic_dims
+from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, is_op, writes_values
 
 # --- the (B, S, C) <-> (B, C, 1, S) layout change ------------------------------------------------
 
@@ -145,7 +146,7 @@ class _PruningPass(GraphPass):
 
 
 @register_pass
-class AneLinearToConv(_PruningPass):
+class AneLinearToConv(ViewRepairing, _PruningPass):
     """``linear(x, W, b)`` on (B, S, C) / (B, C) tokens → ``conv2d`` 1x1 on (B, C, 1, S) / (B, C, 1, 1).
 
     Why: the ANE's native layout is channels-first 4-D and its native matmul is the 1x1 convolution
@@ -167,7 +168,9 @@ class AneLinearToConv(_PruningPass):
     order = 90
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
-        return _convertible_linear(ctx, node)
+        # the (B, C) form reshapes to (B, C, 1, 1): not when B depends on the data (x[mask] rows)
+        x = node.args[0]
+        return _convertible_linear(ctx, node) and not (ctx.rank(x) == 2 and dynamic_dims(ctx, x))
 
     def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
         x, w = node.args[0], node.args[1]
@@ -189,7 +192,7 @@ class AneLinearToConv(_PruningPass):
 
 
 @register_pass
-class AneChannelLayerNorm(_PruningPass):
+class AneChannelLayerNorm(ViewRepairing, _PruningPass):
     """``layer_norm(x, [C])`` on (B, S, C) next to BC1S ops → normalisation over dim 1 of (B, C, 1, S).
 
     Why: once the linears are 1x1 convs on (B, C, 1, S) (``ane_linear_to_conv``), a LayerNorm over the
@@ -319,8 +322,12 @@ _DIM_MAP = {0: 0, 1: 3, 2: 1}  # (B, S, C) axis -> (B, C, 1, S) axis
 
 
 def _const_value(ctx: PassContext, node: Any, depth: int = 4) -> torch.Tensor | None:
-    """The value of a node computed from constants only (e.g. ``expand(cls_token)``), else None."""
-    if not isinstance(node, fx.Node):
+    """The value of a node computed from constants only (e.g. ``expand(cls_token)``), else None.
+
+    Not for a tensor an in-place op writes (``self.count.add_(1)``: a buffer changed on every run) or an
+    in-place op itself: evaluating one here would write the real buffer while the pass runs.
+    """
+    if not isinstance(node, fx.Node) or writes_values(node) or Aliasing.of(ctx).written(node):
         return None
     value = ctx.constant(node)
     if value is not None or depth == 0 or node.op != "call_function":
@@ -537,8 +544,8 @@ def _step(node: fx.Node) -> _Step | None:
         return _Step(node, split.args[0], 1, len(split.users) == 1)
     if not is_op(node, *_MOVES) or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    if node.all_input_nodes != [node.args[0]]:
-        return None
+    if node.all_input_nodes != [node.args[0]] or node.target is aten.view.dtype:
+        return None  # x.view(torch.int32) reinterprets the bits: not a move of the elements
     return _Step(node, node.args[0], 1, True)
 
 
@@ -686,7 +693,7 @@ def _permute_code(counts: list[int], order: list[int], out_shape: tuple[int, ...
 
 
 @register_pass
-class AneCancelTransposes(_PruningPass):
+class AneCancelTransposes(ViewRepairing, _PruningPass):
     """Cancel inverse layout changes: run element-wise regions in (B, C, 1, S), then shorten layout chains.
 
     Why: ``ane_linear_to_conv`` / ``ane_channel_layer_norm`` wrap every op in a (B, S, C) <-> (B, C, 1, S)
@@ -738,6 +745,7 @@ class AneCancelTransposes(_PruningPass):
         sites += _keepdim_reductions(ctx)
         if sites:
             ctx.graph.eliminate_dead_code()
+            Aliasing.forget(ctx)  # the flipped regions' new views join the storage groups they read
         return sites + self._canonicalize_best(ctx)
 
     def _canonicalize_best(self, ctx: PassContext) -> int:
@@ -754,7 +762,7 @@ class AneCancelTransposes(_PruningPass):
         if _layout_count(trial.graph) < _layout_count(ctx.graph):
             ctx.gm.graph = trial.graph
             ctx.graph = ctx.gm.graph
-            return trial_sites
+            return max(trial_sites, 1)  # merged duplicates alone are a rewrite too: the pipeline checks it
         return sites
 
     def _canonicalize(self, ctx: PassContext) -> int:
@@ -772,7 +780,10 @@ class AneCancelTransposes(_PruningPass):
         return sites
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
-        return _step(node) is not None and isinstance(ctx.val(node), torch.Tensor)
+        # Not in storage an in-place op writes: the rebuilt chain may copy where the chain viewed (or read
+        # the source directly where it read a written intermediate), and the write would not reach it.
+        return (_step(node) is not None and isinstance(ctx.val(node), torch.Tensor)
+                and not Aliasing.of(ctx).written(node))
 
     def rewrite(self, ctx: PassContext, node: fx.Node) -> bool:
         best = self._best(ctx, node)
@@ -849,10 +860,12 @@ def _layout_count(graph: fx.Graph) -> int:
 def _duplicate_shared_moves(graph: fx.Graph) -> None:
     """Give every reader of a shared data-movement op its own copy (when all readers are data-movement
     ops too), so each chain can be canonicalised from its real source; copies left identical are
-    merged again afterwards."""
+    merged again afterwards. Not where an in-place op writes the storage: a ``reshape`` may copy, and
+    readers of two copies would no longer see each other's writes."""
+    writes = Aliasing(graph)
     for node in reversed(list(graph.nodes)):
         users = list(node.users)
-        if not _is_move(node) or len(users) < 2 or not all(_is_move(u) for u in users):
+        if not _is_move(node) or len(users) < 2 or not all(_is_move(u) for u in users) or writes.written(node):
             continue
         for user in users[1:]:
             with graph.inserting_before(user):
@@ -861,10 +874,12 @@ def _duplicate_shared_moves(graph: fx.Graph) -> None:
 
 
 def _merge_duplicate_moves(graph: fx.Graph) -> None:
-    """Common-subexpression elimination over data-movement ops and splits (all pure)."""
+    """Common-subexpression elimination over data-movement ops and splits (all pure), except where an
+    in-place op writes the storage (two ``reshape`` copies written apart must stay two tensors)."""
+    writes = Aliasing(graph)
     seen: dict[tuple, fx.Node] = {}
     for node in list(graph.nodes):
-        if not (_is_move(node) or is_op(node, *_SPLITS) or node.target is operator.getitem):
+        if not (_is_move(node) or is_op(node, *_SPLITS) or node.target is operator.getitem) or writes.written(node):
             continue
         key = (node.target, _freeze(node.args), _freeze(node.kwargs))
         if key in seen:

@@ -32,6 +32,7 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
+from edgevit.export.passes.aliasing import ViewRepairing
 from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
 
 #: Apple's equations (ane_transformers/reference/multihead_attention.py); coremltools maps both to
@@ -149,7 +150,7 @@ def _operand_head(ctx: PassContext, operand: Any, h: int, heads: int) -> Any:
 
 
 @register_pass
-class AneSplitHeads(GraphPass):
+class AneSplitHeads(ViewRepairing, GraphPass):
     """Batched attention ``softmax(q @ kt) @ v`` on (B, H, S, D) → per-head ANE einsums, softmax on dim 1.
 
     Why: backends.md §3.1 A3-A5, Apple's ml-ane-transformers "Principle 2: Chunking Large

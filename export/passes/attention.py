@@ -15,7 +15,8 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
+from edgevit.export.passes.aliasing import ViewRepairing
+from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, is_op
 
 #: The finite "masked" logit of R5 (Apple's ane_transformers uses ``mask * -1e4``).
 MASK_VALUE = -1e4
@@ -78,12 +79,19 @@ def _fold(ctx: PassContext, node: Any, memo: dict[fx.Node, Any] | None = None) -
 
 
 def constant_value(ctx: PassContext, node: Any) -> torch.Tensor | None:
-    """The value of a mask (or any small tensor) computed from constants only, else None."""
+    """The value of a mask (or any small tensor) computed from constants only, else None.
+
+    Not when an in-place op outside the subgraph writes what it reads (``mask = ones(..);
+    mask[:, 2:] = False``: the mask's readers still name the ``ones`` node, the write is elsewhere).
+    """
+    memo: dict[fx.Node, Any] = {}
     try:
-        value = _fold(ctx, node)
+        value = _fold(ctx, node, memo)
     except _NotConstant:
         return None
     except Exception:  # an op without an eager CPU kernel here: treat the value as unknown
+        return None
+    if not Aliasing.of(ctx).closed(memo):
         return None
     return value.detach() if isinstance(value, torch.Tensor) else None
 
@@ -96,7 +104,7 @@ def _view_to_rank(value: torch.Tensor, rank: int) -> torch.Tensor:
 # --- 1. softmax on the last axis --------------------------------------------------------------
 
 @register_pass
-class SoftmaxLastAxis(GraphPass):
+class SoftmaxLastAxis(ViewRepairing, GraphPass):
     """``softmax`` / ``log_softmax`` over a non-last axis → transpose, softmax(-1), transpose back.
 
     Why: TFLite's SOFTMAX has no axis (the reference kernel normalises the trailing dim; the GPU
@@ -107,6 +115,8 @@ class SoftmaxLastAxis(GraphPass):
     dim=1 on purpose (R3), nor by OpenVINO, which handles any axis.
     Exact up to float re-association: the same reduction runs over the same elements; the kernel's
     summation order can differ, so outputs agree to ~(n+3)·2⁻²⁴ relative (n = softmax length).
+    The result is a transposed view; a later ``view`` that needs the original strides becomes a
+    ``reshape`` (``x.softmax(1).view(B, -1)``).
     """
 
     name = "softmax_last_axis"
@@ -204,7 +214,9 @@ class FiniteMasks(GraphPass):
     OpenVINO GPU/NPU plugins run fp16. -1e4 is Apple's own mask value (ane_transformers distilbert).
     Exact in fp32 for rows that are not fully masked: a masked weight exp(-1e4 + l - max) underflows
     to 0 just as exp(-inf) does whenever the unmasked logits exceed the masked ones by less than
-    1e4 - 104. A fully masked row changes: NaN/uniform before, finite after (that is the fix).
+    1e4 - 104. A fully masked row changes: NaN/uniform before, finite after (that is the fix). The
+    pipeline holds an exact pass to fp32 rounding of the model's outputs, and parity compares with the
+    model, so on a model whose fp32 outputs include a fully masked row the pass is rolled back there.
     """
 
     name = "finite_masks"
@@ -323,7 +335,8 @@ class ExpandToBroadcast(GraphPass):
     broadcasting failed in litert-torch#715. Same-rank numpy broadcasting is what every backend
     takes; an expand is kept when removing it would leave no operand covering the output (a mutual
     broadcast, which the TFLite GPU MUL rule rejects). Exact: the element-wise op reads the same
-    values.
+    values. A ``repeat`` (a copy, unlike ``expand``) whose source or result an in-place op writes is
+    left alone: without the copy the write would reach both.
     """
 
     name = "expand_to_broadcast"
@@ -337,6 +350,8 @@ class ExpandToBroadcast(GraphPass):
         src = _broadcast_source(ctx, node)
         if src is None:
             return False
+        if is_op(node, aten.repeat) and (Aliasing.of(ctx).written(node) or Aliasing.of(ctx).written(src)):
+            return False  # repeat copies: as its source (or a view of it), an in-place write would reach both
         if self._inserts_only_ones(ctx, src, node):
             return True
         target = self._aligned_shape(ctx, src, node)
@@ -521,7 +536,7 @@ class _Einsum:
 
 
 @register_pass
-class EinsumToMatmul(GraphPass):
+class EinsumToMatmul(ViewRepairing, GraphPass):
     """``einsum`` with one or two operands → permute/reshape + ``matmul`` (bmm form) + reshape/permute.
 
     Single-operand equations become ``sum`` + ``permute``; two-operand ones without a contracted

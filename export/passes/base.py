@@ -33,10 +33,21 @@ class PassReport:
     exact: bool
     max_abs_change: float | None = None
     notes: list[str] = field(default_factory=list)
+    reason: str | None = None  # set when the pass was rolled back: why
+
+    def roll_back(self, why: str) -> None:
+        """Record that this pass's rewrite was undone (it then counts no sites and no change)."""
+        self.reason = f"{why} ({self.sites} site(s) undone)" if self.sites else why
+        self.sites, self.max_abs_change = 0, None
+
+    @property
+    def status(self) -> str:
+        """``applied``, ``not applicable`` (no site matched) or ``rolled back`` (see ``reason``)."""
+        return "rolled back" if self.reason else ("applied" if self.sites else "not applicable")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "sites": self.sites, "exact": self.exact,
-                "max_abs_change": self.max_abs_change, "notes": self.notes}
+        return {"name": self.name, "status": self.status, "sites": self.sites, "exact": self.exact,
+                "max_abs_change": self.max_abs_change, "notes": self.notes, "reason": self.reason}
 
 
 class PassContext:
@@ -280,3 +291,125 @@ def linear_constants(ctx: PassContext, linear: fx.Node) -> tuple[Any, Any]:
     if weight is None or (bias_node is not None and bias is None):
         return None, None
     return weight, bias
+
+
+# --- aliasing and mutation (the training IR keeps in-place ops and views) ---------------------------
+
+def schema_effects(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(inputs the output may alias, inputs written in place) of a call, read from its ATen schema.
+
+    ``torch.export``'s training IR is not functional: ``x.add_(y)``, ``nn.ReLU(inplace=True)`` and
+    ``x[:, 0] = v`` stay in-place ops, and views (``view``, ``transpose``, ``select``...) share storage
+    with their input. ``getitem`` of a multi-output view (``split``) aliases its source.
+    """
+    if node.op != "call_function":
+        return [], []
+    if node.target is operator.getitem:
+        return ([node.args[0]] if isinstance(node.args[0], fx.Node) else []), []
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return [], []
+    aliased, written = [], []
+    for i, arg in enumerate(schema.arguments):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if not isinstance(value, fx.Node) or arg.alias_info is None:
+            continue
+        (written if arg.alias_info.is_write else aliased).append(value)
+    return aliased + written, written  # an in-place op's output is its written input
+
+
+#: In-place ops that change no values (autograd metadata only).
+_METADATA_ONLY = (aten.detach_.default, aten.requires_grad_.default)
+_DROPOUTS_ = (aten.dropout_.default, aten.feature_dropout_.default, aten.alpha_dropout_.default,
+              aten.feature_alpha_dropout_.default)
+
+
+def _changes_nothing(node: fx.Node) -> bool:
+    """``detach_``, or an in-place dropout at inference (``nn.Dropout(inplace=True)`` in eval)."""
+    if node.target in _METADATA_ONLY:
+        return True
+    if node.target in _DROPOUTS_:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return train is False
+    return False
+
+
+class Aliasing:
+    """Storage groups of a graph (a node and every view of it, or of what it views) and which of them an
+    in-place op writes. ``written(node)``: some in-place op changes the values ``node`` reads.
+
+    A rewrite that turns a view into a copy (or drops a copy, or folds a computed tensor into a stored
+    constant) is only sound in a group nobody writes: otherwise the in-place op would write to another
+    tensor than before. Writes that change no values (the ``detach_`` torch.export puts after every
+    ``torch.tensor(...)`` literal, an eval-mode in-place dropout) do not count.
+    """
+
+    def __init__(self, graph: fx.Graph):
+        self._parent: dict[fx.Node, fx.Node] = {}
+        written: list[tuple[fx.Node, fx.Node]] = []  # (written tensor, the in-place op)
+        for node in graph.nodes:
+            aliased, writes = schema_effects(node)
+            for src in aliased:
+                self._parent[self._find(node)] = self._find(src)
+            if not _changes_nothing(node):
+                written += [(w, node) for w in writes]
+        self._writers: dict[fx.Node, list[fx.Node]] = {}
+        for tensor, op in written:
+            self._writers.setdefault(self._find(tensor), []).append(op)
+        self._written = set(self._writers)
+
+    def _find(self, node: fx.Node) -> fx.Node:
+        root = node
+        while self._parent.get(root, root) is not root:
+            root = self._parent[root]
+        self._parent[node] = root
+        return root
+
+    def written(self, node: Any) -> bool:
+        return isinstance(node, fx.Node) and self._find(node) in self._written
+
+    def writers(self, node: Any) -> list[fx.Node]:
+        """The in-place ops that write ``node``'s storage group."""
+        return list(self._writers.get(self._find(node), ())) if isinstance(node, fx.Node) else []
+
+    def closed(self, subgraph: Iterable[fx.Node]) -> bool:
+        """True when evaluating ``subgraph`` (a node and what it is computed from) once gives the value
+        its last node has in every run: every in-place write to storage it reads is inside it, and none
+        writes a buffer (state kept across runs). False for ``m = ones(..); m[:, 2:] = 0; f(m)`` (``f``
+        names the ``ones`` node, the write is elsewhere) and ``self.count.add_(1)``; True for
+        ``zeros(..).masked_fill_(mask, v)`` read through the ``masked_fill_`` node."""
+        nodes = set(subgraph)
+        return all(w in nodes for n in nodes for w in self.writers(n)) and not any(
+            n.op in ("get_attr", "placeholder") and self.written(n) for n in nodes)
+
+    @staticmethod
+    def of(ctx: PassContext) -> "Aliasing":
+        """The groups of ``ctx``'s graph, computed once per pass run (passes add no in-place ops)."""
+        cached = getattr(ctx, "_edgevit_writes", None)
+        if cached is None or cached[0] is not ctx.graph:
+            cached = (ctx.graph, Aliasing(ctx.graph))
+            ctx._edgevit_writes = cached  # type: ignore[attr-defined]
+        return cached[1]
+
+    @staticmethod
+    def forget(ctx: PassContext) -> None:
+        """Drop the cached groups (after a rewrite that re-routed values through new views)."""
+        ctx._edgevit_writes = None  # type: ignore[attr-defined]
+
+
+def writes_values(node: Any) -> bool:
+    """True when ``node`` is an in-place op that changes values (not ``detach_``, nor an eval dropout)."""
+    return isinstance(node, fx.Node) and not _changes_nothing(node) and bool(schema_effects(node)[1])
+
+
+
+def downstream(node: fx.Node) -> list[fx.Node]:
+    """Every node that reads ``node``'s value, directly or through other nodes (its cone of influence)."""
+    seen: dict[fx.Node, None] = {}
+    stack = list(node.users)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen[n] = None
+            stack.extend(n.users)
+    return list(seen)

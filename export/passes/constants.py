@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
+from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, is_op
 
 # Cheap, deterministic, functional ops (no randomness, no in-place writes, output shape known from the
 # inputs). A node is folded only when it is one of these and every tensor it reads is constant.
@@ -51,13 +51,17 @@ class _Folder:
     def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
         self.mutated = _mutated_attributes(ctx.graph)
+        # A tensor an in-place op writes (``acc = zeros(..); acc += x``, ``m = ones(..); m[:, 2:] = 0``)
+        # is not a constant: a stored copy would be written on every run, or miss the write.
+        self.writes = Aliasing(ctx.graph)
         self._foldable: dict[fx.Node, bool] = {}
         self._leaves: dict[fx.Node, frozenset[fx.Node]] = {}
         self._values: dict[fx.Node, Any] = {}
         self.roots = self._roots()
 
     def is_leaf(self, node: fx.Node) -> bool:
-        return self.ctx.constant(node) is not None and str(node.target) not in self.mutated
+        return (self.ctx.constant(node) is not None and str(node.target) not in self.mutated
+                and not self.writes.written(node))
 
     def leaves(self, node: fx.Node) -> frozenset[fx.Node]:
         if node not in self._leaves:
@@ -79,7 +83,7 @@ class _Folder:
         if node.target is operator.getitem:
             src = node.args[0]
             return isinstance(src, fx.Node) and self.foldable(src)
-        if not is_op(node, *_FOLDABLE_OPS) or self.ctx.val(node) is None:
+        if not is_op(node, *_FOLDABLE_OPS) or self.ctx.val(node) is None or self.writes.written(node):
             return False
         return all(self.is_leaf(a) or self.foldable(a) for a in node.all_input_nodes)
 
@@ -168,7 +172,8 @@ class FoldConstantGathers(GraphPass):
     the constant, whatever the converter does; any cheap deterministic op chain on constants qualifies.
     Size guard: a constant above 1 MB is stored only if it is at most 4x the bytes it reads and its
     inputs are read by nothing else (no blown-up expand, no second copy of a weight); otherwise the
-    largest storable nodes under it are folded. A bare constant graph output stays computed.
+    largest storable nodes under it are folded. A bare constant graph output stays computed, and so does
+    a tensor an in-place op writes (``acc = zeros(..); acc += x``: stored, it would be written every run).
     Exact: the folded value is computed by the same PyTorch kernels (``torch.equal``); a matmul that read
     a transposed view now reads a contiguous copy and may re-associate its sums (fp32 rounding).
     """

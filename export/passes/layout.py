@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
+from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, is_op
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,8 @@ class PixelUnshuffleRank4(GraphPass):
     rank 4 (backends.md §4, §6.4).
     The chain (B*C*H/r, r, W/r, r) → permute(0,1,3,2) → (B*C, H/r, r*r, W/r) → permute(0,2,1,3) →
     (B, C*r*r, H/r, W/r) moves the same elements. ``pixel_shuffle`` needs no pass: ONNX exports it as
-    ``DepthToSpace`` and litert-torch lowers it at rank 4. Exact (pure data movement).
+    ``DepthToSpace`` and litert-torch lowers it at rank 4. Exact (pure data movement). Not where an
+    in-place op writes the input or the result (at r = 1 the chain is a view, pixel_unshuffle a copy).
     """
 
     name = "pixel_unshuffle_rank4"
@@ -203,7 +204,11 @@ class PixelUnshuffleRank4(GraphPass):
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         shape = ctx.shape(node.args[0]) if is_op(node, aten.pixel_unshuffle) else None
-        return shape is not None and len(shape) >= 3
+        if shape is None or len(shape) < 3:
+            return False
+        # pixel_unshuffle copies; the chain may be a view (r = 1): not where an in-place op would notice
+        writes = Aliasing.of(ctx)
+        return not (writes.written(node) or writes.written(node.args[0]))
 
     def rewrite(self, ctx: PassContext, node: fx.Node) -> bool | None:
         x, r = node.args[0], int(node.args[1])
@@ -537,6 +542,9 @@ class LowerRank(GraphPass):
     Where an end or the start itself has rank 5 (a rank-6 QKV whose q/k/v stay rank 5), the
     intermediates are lowered to rank 5, which is what Core ML needs. Rank > 4 tensors feeding
     compute ops are listed in ``notes`` and logged, not rewritten. Exact (pure data movement).
+    A chain whose source or result an in-place op writes is left alone: the rebuilt chain may copy
+    where the original viewed, or view where a ``clone`` in it copied, and the write would reach
+    other tensors than before.
     """
 
     name = "lower_rank"
@@ -571,6 +579,9 @@ class LowerRank(GraphPass):
         if found is None:
             return False
         source, nodes = found
+        writes = Aliasing.of(ctx)
+        if writes.written(source) or writes.written(node):
+            return False  # the rebuilt chain may copy where it viewed (or view where a clone copied)
         limit = max(MAX_RANK, ctx.rank(node), ctx.rank(source))
         if max(ctx.rank(n) or 0 for n in nodes) <= limit:
             return False  # nothing above the ends' rank: no gain

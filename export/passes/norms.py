@@ -9,6 +9,7 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
+from edgevit.export.passes.aliasing import dynamic_dims
 from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
 
 
@@ -16,6 +17,13 @@ def _float_tensor(ctx: PassContext, node: Any) -> torch.Tensor | None:
     """The meta value of ``node`` when it is a floating-point tensor of known shape, else None."""
     v = ctx.val(node)
     return v if isinstance(v, torch.Tensor) and v.is_floating_point() else None
+
+
+def _statistics_dtype_ok(ctx: PassContext, node: Any) -> bool:
+    """fp32/fp64 only. torch's layer/group/vector norms of fp16/bf16 tensors accumulate in fp32; the
+    primitives would square in fp16 (overflow to inf from |x - mean| ~ 256) or sum in bf16."""
+    v = _float_tensor(ctx, node)
+    return v is not None and v.dtype in (torch.float32, torch.float64)
 
 
 def _normalise(ctx: PassContext, x: fx.Node, dims: list[int], eps: float) -> fx.Node:
@@ -56,7 +64,8 @@ class DecomposeLayerNorm(GraphPass):
     Why: ONNX exports it as LayerNormalization (opset 17+), which is not in ORT's NNAPI op list
     (nnapi_supported_ops.md), so each LayerNorm of a ViT is a separate CPU island; TFLite has no
     LayerNorm builtin either (backends.md table: "decomposed"). ReduceMean, Sub, Mul, Add, Sqrt and
-    Div are all NNAPI ops. Exact up to fp32 rounding (same two-pass statistics as torch).
+    Div are all NNAPI ops. Exact up to fp32 rounding (same two-pass statistics as torch). fp32/fp64
+    inputs only: torch computes an fp16 norm's statistics in fp32, the primitives would overflow.
     """
 
     name = "decompose_layer_norm"
@@ -66,7 +75,7 @@ class DecomposeLayerNorm(GraphPass):
     order = 56
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
-        if not is_op(node, aten.layer_norm) or _float_tensor(ctx, node.args[0]) is None:
+        if not is_op(node, aten.layer_norm) or not _statistics_dtype_ok(ctx, node.args[0]):
             return False
         shape, rank = node.args[1], ctx.rank(node.args[0])
         weight, bias, _ = _norm_args(node)
@@ -96,8 +105,8 @@ class DecomposeGroupNorm(GraphPass):
     InstanceNormalization is not in ORT's NNAPI op list. litert-torch lowers group_norm with one
     BROADCAST_TO per site, which the LiteRT GPU delegate rejects (LiteRT#9191; 21 sites in
     mobilevit_v2_050). The replacement uses ReduceMean, Sub, Mul, Add, Sqrt, Div, Reshape only, with
-    rank-matched broadcasting. Inputs of rank 2-4 (rank 5 is beyond NNAPI anyway). Exact up to fp32
-    rounding.
+    rank-matched broadcasting. Inputs of rank 2-4 (rank 5 is beyond NNAPI anyway), fp32/fp64 (as
+    ``decompose_layer_norm``). Exact up to fp32 rounding.
     """
 
     name = "decompose_group_norm"
@@ -107,13 +116,13 @@ class DecomposeGroupNorm(GraphPass):
     order = 56
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
-        if not is_op(node, aten.group_norm) or _float_tensor(ctx, node.args[0]) is None:
+        if not is_op(node, aten.group_norm) or not _statistics_dtype_ok(ctx, node.args[0]):
             return False
         shape, groups = ctx.shape(node.args[0]), node.args[1]
         weight, bias, _ = _norm_args(node)
         return (2 <= len(shape) <= 4 and isinstance(groups, int) and groups > 0
                 and shape[1] % groups == 0 and math.prod(shape) > 0
-                and _is_param(weight) and _is_param(bias))
+                and _is_param(weight) and _is_param(bias) and not dynamic_dims(ctx, node.args[0]))
 
     def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
         x, groups = node.args[0], node.args[1]
@@ -130,7 +139,8 @@ class SumToMean(GraphPass):
     """``aten.sum`` over static dims → ``mean`` × N (N the number of elements summed).
 
     Why: ReduceSum is not in ORT's NNAPI op list (nnapi_supported_ops.md); ReduceMean is. Only
-    floating-point sums with the input's dtype (an integer or dtype-changing sum is left alone).
+    floating-point sums with the input's dtype (an integer or dtype-changing sum is left alone), over
+    dims whose size does not depend on the data (N is a constant: ``x[mask].sum(0)`` is left alone).
     Exact up to rounding: one extra rounding of the mean (torch's mean is sum / N); bit-exact when
     N is a power of two.
     """
@@ -147,7 +157,8 @@ class SumToMean(GraphPass):
         x, out = _float_tensor(ctx, node.args[0]), _float_tensor(ctx, node)
         if x is None or out is None or x.dtype != out.dtype or x.numel() == 0 or x.dim() == 0:
             return False
-        return self._dims(node, x.dim()) is not None
+        dims = self._dims(node, x.dim())
+        return dims is not None and not dynamic_dims(ctx, node.args[0], dims)  # N is baked in
 
     @staticmethod
     def _dims(node: fx.Node, rank: int) -> list[int] | None:
@@ -239,6 +250,10 @@ class FoldBatchNorm(GraphPass):
             return None
         if is_op(prod, aten.linear) and ctx.rank(prod) != 2:  # BN's channel axis 1 != features axis -1
             return None
+        # an unbatched conv ((C, L) from conv1d) has its channels on axis 0, where BN sees the batch
+        batched = {aten.conv1d: 3, aten.conv2d: 4, aten.conv3d: 5}
+        if any(is_op(prod, op) and ctx.rank(prod) != rank for op, rank in batched.items()):
+            return None
         weight = ctx.constant(prod.args[1])
         bias_arg = prod.args[2] if len(prod.args) > 2 else None
         bias = None if bias_arg is None else ctx.constant(bias_arg)
@@ -262,7 +277,8 @@ class DecomposeVectorNorm(GraphPass):
     ReduceL2, which is in neither ORT's NNAPI nor its Core ML (MLProgram) op list: every site cuts
     the graph into a new CPU island (glnet_4g: 34 sites, 18 partitions on both). Mul, ReduceMean, Mul
     and Sqrt are in both lists; ReduceMean × N rather than ReduceSum because NNAPI lacks ReduceSum
-    (see ``sum_to_mean``). Only the 2-norm of a floating-point tensor without a ``dtype`` override.
+    (see ``sum_to_mean``). Only the 2-norm of an fp32/fp64 tensor without a ``dtype`` override (torch
+    accumulates an fp16 norm in fp32; x * x in fp16 overflows from |x| = 256).
     Exact up to fp32 rounding (one extra rounding for the mean; none when N is a power of two). Like
     torch's CPU kernel it does not rescale, so the underflow/overflow range is the same (|x| within
     about 1e-19..1e19 in fp32).
@@ -280,7 +296,10 @@ class DecomposeVectorNorm(GraphPass):
         x, out = _float_tensor(ctx, node.args[0]), _float_tensor(ctx, node)
         if x is None or out is None or x.dtype != out.dtype or x.numel() == 0 or x.dim() == 0:
             return False
-        return self._ord(node) == 2 and self._dims(node, x.dim()) is not None
+        if not _statistics_dtype_ok(ctx, node.args[0]) or self._ord(node) != 2:
+            return False
+        dims = self._dims(node, x.dim())
+        return dims is not None and not dynamic_dims(ctx, node.args[0], dims)  # N is baked in
 
     @staticmethod
     def _ord(node: fx.Node) -> Any:

@@ -9,7 +9,8 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
+from edgevit.export.passes.aliasing import ViewRepairing
+from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, is_op
 
 
 def adaptive_bins(size_in: int, size_out: int) -> list[tuple[int, int]]:
@@ -48,7 +49,7 @@ def _only_values_used(node: fx.Node) -> bool:
 
 
 @register_pass
-class AdaptivePoolStatic(GraphPass):
+class AdaptivePoolStatic(ViewRepairing, GraphPass):
     """``adaptive_avg_pool{1,2}d`` → ``mean`` / ``avg_pool2d`` / two constant averaging matmuls.
 
     Why: an adaptive pool whose input is not an integer multiple of its output (FilterViT-xxs pools
@@ -66,6 +67,9 @@ class AdaptivePoolStatic(GraphPass):
     (``max_pool2d`` / ``amax``) and when its indices are unused; the non-integer max stays.
     Exact for avg_pool/mean/max; the matmul form is exact up to fp32 rounding of the 1/k weights and
     the re-associated sums (|Δ| ≤ (k_h·k_w + k_h + k_w + 2)·eps·max|x| for bins of k_h × k_w).
+    The matmul form's result is a transposed view; a later ``view`` that needs the pool's contiguous
+    strides (``pool(x).view(B, -1)``) becomes a ``reshape``. A pool to its own input size is the input
+    itself, except where an in-place op writes either (the pool's copy keeps them apart): left alone.
     """
 
     name = "adaptive_pool_static"
@@ -78,14 +82,24 @@ class AdaptivePoolStatic(GraphPass):
         if is_op(node, aten.adaptive_max_pool2d):
             sizes = _spatial(ctx, node, 2)
             return (sizes is not None and _only_values_used(node)
-                    and all(n % o == 0 for n, o in zip(*sizes)))
+                    and all(n % o == 0 for n, o in zip(*sizes)) and not self._aliased_identity(ctx, node, sizes))
         if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
             return False
         if is_op(node, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d):
-            return _spatial(ctx, node, 2) is not None
-        if is_op(node, aten.adaptive_avg_pool1d):
-            return _spatial(ctx, node, 1) is not None
-        return False
+            sizes = _spatial(ctx, node, 2)
+        elif is_op(node, aten.adaptive_avg_pool1d):
+            sizes = _spatial(ctx, node, 1)
+        else:
+            return False
+        return sizes is not None and not self._aliased_identity(ctx, node, sizes)
+
+    @staticmethod
+    def _aliased_identity(ctx: PassContext, node: fx.Node, sizes: tuple[list[int], list[int]]) -> bool:
+        """An identity pool (replaced by its input) whose input or output an in-place op writes."""
+        if sizes[0] != sizes[1]:
+            return False
+        writes = Aliasing.of(ctx)  # a max pool's getitem items share its group
+        return writes.written(node.args[0]) or writes.written(node)
 
     def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
         src = node.args[0]

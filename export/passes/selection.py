@@ -21,7 +21,8 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
+from edgevit.export.passes.aliasing import ViewRepairing
+from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, is_op
 
 _WANTED = ("onnx:nnapi", "onnx:coreml", "coreml", "tflite:gpu", "tflite:nnapi")
 
@@ -31,10 +32,11 @@ _INDEX_VIEWS = (aten.unsqueeze, aten.expand, aten.reshape, aten.view, aten._unsa
                 aten.unflatten, aten.squeeze, aten.permute, aten.transpose, aten.t, aten.repeat, aten.clone,
                 aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy, aten.select, aten.slice)
 # Deterministic ops a constant index tensor may be computed with (folded at rewrite time).
+# ``detach_`` follows every ``torch.tensor([...])`` literal in a capture (it changes no values).
 _FOLDABLE = _INDEX_VIEWS + (aten.add, aten.sub, aten.mul, aten.remainder, aten.floor_divide, aten.cat,
                             aten.stack, aten.slice, aten.select, aten.arange, aten.to, aten._to_copy,
                             aten.index_select, aten.flip, aten.full, aten.zeros, aten.ones, aten.sort,
-                            aten.scalar_tensor, operator.getitem)
+                            aten.scalar_tensor, operator.getitem, aten.detach_)
 _FOLD_LIMIT = 1 << 24  # elements; larger constants are not folded
 _MAX_RUNS = 8  # contiguous index runs up to which slice+cat is used instead of a one-hot matmul
 _GAIN = 2.0 ** 15  # the largest power of two below the fp16 maximum (65504): a safe constant in fp16
@@ -45,23 +47,31 @@ _DIGIT = 64  # index digit base for the fp16-exact tie-break when N > 1024
 # --- constants ---------------------------------------------------------------------------------------------
 
 
-def _fold(ctx: PassContext, node: Any, memo: dict[fx.Node, Any] | None = None) -> Any:
-    """The value of ``node`` if it is computed from constants only by deterministic ops, else None."""
-    memo = {} if memo is None else memo
+def _fold(ctx: PassContext, node: Any) -> Any:
+    """The value of ``node`` if it is computed from constants only by deterministic ops, else None.
+
+    Not when an in-place op outside that subgraph writes what it reads (a buffer updated in forward, or
+    ``idx = arange(n); idx[0] = 3``, whose readers still name the ``arange`` node).
+    """
+    memo: dict[fx.Node, Any] = {}
+    value = _fold_from(ctx, node, memo)
+    return value if Aliasing.of(ctx).closed(memo) else None
+
+
+def _fold_from(ctx: PassContext, node: Any, memo: dict[fx.Node, Any]) -> Any:
     if not isinstance(node, fx.Node):
         if isinstance(node, (list, tuple)):
-            items = [_fold(ctx, a, memo) for a in node]
+            items = [_fold_from(ctx, a, memo) for a in node]
             return None if any(i is None and a is not None for i, a in zip(items, node)) else type(node)(items)
         return node
     if node in memo:
         return memo[node]
     value: Any = None
-    if node.op == "get_attr":  # a buffer written in place (a mutable op reads it) is not a constant
-        mutated = any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in node.users)
-        value = None if mutated else ctx.constant(node)
+    if node.op == "get_attr":
+        value = ctx.constant(node)
     elif node.op == "call_function" and is_op(node, *_FOLDABLE):
-        args = [_fold(ctx, a, memo) for a in node.args]
-        kwargs = {k: _fold(ctx, v, memo) for k, v in node.kwargs.items()}
+        args = [_fold_from(ctx, a, memo) for a in node.args]
+        kwargs = {k: _fold_from(ctx, v, memo) for k, v in node.kwargs.items()}
         missing = any(v is None and a is not None for v, a in zip(args, node.args))
         if not missing and all(v is not None or node.kwargs[k] is None for k, v in kwargs.items()):
             with torch.no_grad():
@@ -135,7 +145,7 @@ class _ConstSite:
 
 
 @register_pass
-class StaticGatherScatter(GraphPass):
+class StaticGatherScatter(ViewRepairing, GraphPass):
     """``gather`` / ``index_select`` / ``x[idx]`` / ``scatter`` with CONSTANT indices → slices or one-hot MatMuls.
 
     Why: ONNX ``GatherElements`` / ``ScatterElements`` (what ``gather``/``scatter`` export to) are in
@@ -151,6 +161,8 @@ class StaticGatherScatter(GraphPass):
     Exact: every output element is one input element times 1 plus exact zeros (torch.equal in fp32 and
     in fp16), for finite ``x`` (an inf/NaN outside the selection would give 0 * inf = NaN).
     Cost: K*N*C MACs per site and a K*N constant (e.g. 256 x 3025 fp32 = 3.1 MB for a 55x55 map).
+    A site whose result or ``x`` an in-place op writes is left alone (the gather's copy would become a
+    view of ``x`` or a stored constant, which the write would then reach).
     """
 
     name = "static_gather_scatter"
@@ -164,6 +176,9 @@ class StaticGatherScatter(GraphPass):
         return is_op(node, aten.gather, aten.index_select, aten.scatter, aten.index) and ctx.shape(node) is not None
 
     def rewrite(self, ctx: PassContext, node: fx.Node) -> bool | None:
+        writes = Aliasing.of(ctx)
+        if writes.written(node) or writes.written(node.args[0]):
+            return False
         folded = self._fold_whole(ctx, node)
         if folded is not None:
             ctx.replace(node, ctx.add_constant(folded, "selected"))

@@ -220,7 +220,9 @@ class SinkSlices(GraphPass):
         if node is None:
             return None
         before = set(ctx.graph.nodes)
-        with ctx.graph.inserting_before(node):
+        # At the producer, not at the slice: the producer's inputs are read when the producer ran, and an
+        # in-place op between the two (``y = h * 2; h.add_(1); y[:, :1]``) must not reach the new reads.
+        with ctx.graph.inserting_before(producer):
             if producer.target is operator.getitem:
                 moved = _sink_split_item(ctx, producer, cut)
             else:
