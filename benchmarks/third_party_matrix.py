@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    versions = next((r["auto"]["versions"] for r in rows if "versions" in r["auto"]), {})
+    versions: dict[str, Any] = {}
+    for r in rows:  # each target's converter and runtime versions
+        versions |= r["auto"].get("versions", {})
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if isinstance(v, str)))
     print("| model | target | auto: status | err/peak | sites | rolled back | none: status | auto never worse |")
     print("|---|---|---|---|---|---|---|---|")

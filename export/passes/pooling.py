@@ -178,19 +178,23 @@ def _repeat_factors(ctx: PassContext, node: fx.Node, dims: int) -> list[int] | N
     sizes_in, sizes_out = sizes
     factors = []
     for axis, (n, o) in enumerate(zip(sizes_in, sizes_out)):
-        if o % n:
-            return None
-        view = [1] * dims
-        view[axis] = n
-        ramp = torch.arange(n, dtype=torch.float32).reshape(view).expand(sizes_in).reshape(1, 1, *sizes_in)
-        probe = node.target(ramp, *node.args[1:], **node.kwargs)
-        if list(probe.shape[2:]) != sizes_out:
-            return None
-        line = probe.movedim(2 + axis, -1).reshape(-1, o)[0]  # source index along ``axis``
-        if not torch.equal(line, torch.arange(o, dtype=torch.float32) // (o // n)):
+        line = source_index(node, axis, sizes_in, sizes_out) if o % n == 0 else None
+        if line is None or not torch.equal(line, torch.arange(o, dtype=torch.float32) // (o // n)):
             return None
         factors.append(o // n)
     return factors
+
+
+def source_index(node: fx.Node, axis: int, sizes_in: list[int], sizes_out: list[int]) -> torch.Tensor | None:
+    """For a resize ``node``: the input position each output position reads along spatial ``axis``,
+    measured by running the node's own op on an index ramp (None if the op gives another output size)."""
+    view = [1] * len(sizes_in)
+    view[axis] = sizes_in[axis]
+    ramp = torch.arange(sizes_in[axis], dtype=torch.float32).reshape(view).expand(sizes_in).reshape(1, 1, *sizes_in)
+    probe = node.target(ramp, *node.args[1:], **node.kwargs)
+    if list(probe.shape[2:]) != sizes_out:
+        return None
+    return probe.movedim(2 + axis, -1).reshape(-1, sizes_out[axis])[0]
 
 
 def _repeat_axis(ctx: PassContext, x: fx.Node, axis: int, r: int) -> fx.Node:

@@ -7,7 +7,7 @@ from torch import fx
 
 from edgevit.export.passes import register_pass
 from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
-from edgevit.export.passes.pooling import _NEAREST_OPS, _spatial
+from edgevit.export.passes.pooling import _NEAREST_OPS, _spatial, source_index
 
 _ONE_D = (aten.upsample_nearest1d, aten._upsample_nearest_exact1d)
 
@@ -27,15 +27,9 @@ def _strides(ctx: PassContext, node: fx.Node) -> list[tuple[int, int]] | None:
     sizes_in, sizes_out = sizes
     found = []
     for axis, (n, o) in enumerate(zip(sizes_in, sizes_out)):
-        if n % o:
+        line = source_index(node, axis, sizes_in, sizes_out) if n % o == 0 else None
+        if line is None:
             return None
-        view = [1] * dims
-        view[axis] = n
-        ramp = torch.arange(n, dtype=torch.float32).reshape(view).expand(sizes_in).reshape(1, 1, *sizes_in)
-        probe = node.target(ramp, *node.args[1:], **node.kwargs)
-        if list(probe.shape[2:]) != sizes_out:
-            return None
-        line = probe.movedim(2 + axis, -1).reshape(-1, o)[0]
         step, offset = n // o, int(line[0])
         if not torch.equal(line, offset + step * torch.arange(o, dtype=torch.float32)):
             return None
