@@ -40,7 +40,7 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.aliasing import ViewRepairing, dynamic_dims
+from edgevit.export.passes.repairs import ViewRepairing, dynamic_dims
 from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, is_op, writes_values
 
 # --- the (B, S, C) <-> (B, C, 1, S) layout change ------------------------------------------------

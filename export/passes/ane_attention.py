@@ -32,7 +32,7 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.aliasing import ViewRepairing
+from edgevit.export.passes.repairs import ViewRepairing
 from edgevit.export.passes.base import GraphPass, PassContext, aten, is_op
 
 #: Apple's equations (ane_transformers/reference/multihead_attention.py); coremltools maps both to

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from edgevit.export.passes import register_pass
-from edgevit.export.passes.aliasing import ViewRepairing
+from edgevit.export.passes.repairs import ViewRepairing
 from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, is_op
 
 #: The finite "masked" logit of R5 (Apple's ane_transformers uses ``mask * -1e4``).
