@@ -232,3 +232,29 @@ def test_saved_folder_exports_from_the_cli(tmp_path: Path, name: str, target: st
 def test_saved_folder_exports_from_the_cli_nightly(tmp_path: Path, name: str) -> None:
     for m in _cli_export(_saved_folder(name, tmp_path), "all", tmp_path / "out"):
         assert m["status"] == "passed", (m["target"], m.get("error") or m.get("parity"))
+
+
+# --- other defects found the same way ------------------------------------------------------------
+
+class _Reshuffle(nn.Module):
+    """A module without parameters: a post-processing reshuffle (no weight blob in its ML Program)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(x, 2).flatten(2).transpose(1, 2) * 0.5
+
+
+@pytest.mark.slow
+def test_module_without_weights_verifies_on_coreml(tmp_path: Path) -> None:
+    """Used to fail the structural check with "no weight blob in the package": an ML Program without
+    weights is valid. A package whose program refers to a blob that is missing still fails."""
+    from edgevit.export.coreml import structural_check
+
+    x = torch.randn(1, 16, 8, 8)
+    result = edgevit.export_model(_Reshuffle(), x, target="coreml", out=tmp_path / "a")
+    assert result.parity.status == "passed" and result.parity.verification.startswith("verified")
+    assert not list(result.artifact.glob("Data/com.apple.CoreML/weights/*.bin"))
+    weighted = edgevit.export_model(nn.Linear(8, 64), torch.randn(1, 8), target="coreml", out=tmp_path / "b")
+    blob = next(weighted.artifact.glob("Data/com.apple.CoreML/weights/*.bin"))
+    blob.unlink()
+    check = structural_check(weighted.artifact, (torch.randn(1, 8),), 1)
+    assert not check["ok"] and check["problems"] == ["weight blob @model_path/weights/weight.bin is missing from the package"]
