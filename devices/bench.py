@@ -73,11 +73,22 @@ def check_options(opts: BenchOptions) -> list[Device]:
     """Every argument error as a one-line EdgevitError before anything runs; the devices to measure."""
     from edgevit.export.passes import resolve_passes
     from edgevit.references import is_reference
+    from edgevit.registry import check_input_memory, check_requested_size
 
     if opts.precision not in BENCH_PRECISIONS:
         raise EdgevitError(f"unknown precision '{opts.precision}'; choose one of: {', '.join(BENCH_PRECISIONS)}")
     if opts.runs < 1 or opts.rounds < 1 or opts.warmup < 0:
         raise EdgevitError("--runs and --rounds must be >= 1 and --warmup >= 0")
+    if opts.runs < opts.rounds:
+        raise EdgevitError(f"--runs {opts.runs} is fewer than --rounds {opts.rounds}: every round needs at least "
+                           f"one run; raise --runs to {opts.rounds} or lower --rounds to {opts.runs}")
+    if not opts.run_timeout_s > 0 or not opts.export_timeout_s > 0:
+        raise EdgevitError(f"--timeout must be > 0 seconds, got {opts.run_timeout_s:g}")
+    check_requested_size(opts.input_size)
+    if opts.input_shape is not None:
+        check_input_memory(tuple(opts.input_shape), f"--input-shape {','.join(map(str, opts.input_shape))}")
+    for flag, path in (("--out", opts.out), ("--cache", opts.cache_dir)):
+        _check_dir_path(flag, path)
     if opts.budget_s is not None and opts.budget_s <= 0:
         raise EdgevitError("--budget must be > 0 seconds")
     if opts.threads is not None and opts.threads < 1:
@@ -97,6 +108,22 @@ def check_options(opts: BenchOptions) -> list[Device]:
         raise EdgevitError(f"no runtime on '{opts.device}' measures {opts.precision}"
                            + (f" for targets {','.join(opts.targets)}" if opts.targets else ""))
     return devices
+
+
+def _check_dir_path(flag: str, path: Path, shown: Path | None = None) -> None:
+    """A directory the bench will create or write into: no part of it may be an existing file."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise EdgevitError(f"{flag} '{shown or path}': '{p}' is a file, not a directory")
+            return
+
+
+def check_file_path(flag: str, path: Path) -> None:
+    """A file the bench will write at the end (``--json``): refused now, before any measuring."""
+    if path.is_dir():
+        raise EdgevitError(f"{flag} '{path}' is a directory; give a file name")
+    _check_dir_path(flag, path.parent, path)
 
 
 @dataclass(frozen=True)
@@ -190,8 +217,12 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
     flags += ["--input-shape", ",".join(map(str, input_shape))] if input_shape else ["--input-size", str(input_size)]
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=where.parent))
-    row = export_in_child(model, device.target, staging, flags, opts.export_timeout_s)
-    if row.get("status") in ("passed", "converted-not-verified", "skipped"):
+    try:
+        row = export_in_child(model, device.target, staging, flags, opts.export_timeout_s)
+    except BaseException:  # Ctrl-C, SIGTERM: the child is stopped; its half-made cache entry goes too
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if row.get("status") in ("passed", "converted-not-verified", "skipped", "degenerate"):  # timing needs no values
         shutil.rmtree(where, ignore_errors=True)
         staging.rename(where)  # the cache entry appears whole or not at all
         artifact = where / Path(row["artifact_path"]).name

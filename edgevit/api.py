@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,25 +22,36 @@ import edgevit
 from edgevit.devices.runtimes import load_runner
 from edgevit.errors import EdgevitError, ParityError
 from edgevit.export.capture import flatten_outputs, output_names
+from edgevit.export.isolated import check_parent_alive
 from edgevit.export.manifest import (
     MANIFEST_NAME,
+    OWNER_FILE,
     SCHEMA_VERSION,
     host_info,
+    is_no_space,
+    make_staging,
+    missing_dirs,
+    no_space_message,
     place,
     prepare_out_dir,
+    remove_empty_dirs,
     sha256_of,
+    sweep_stale_staging,
+    tree_bytes,
     write_json_atomic,
 )
 from edgevit.export.parity import ParityReport, compare
 from edgevit.export.passes import PipelineResult, resolve_passes, run_pipeline
 from edgevit.export.targets import Target, get_target, resolve_precision
 from edgevit.references import ResolvedModel, image_batch, is_reference, resolve_model
-from edgevit.registry import ModelInfo, check_input_size, create_model, model_info
+from edgevit.registry import ModelInfo, check_input_size, check_requested_size, create_model, model_info
 from edgevit.weights import INIT_MODES, exercise_all_parameters, exercise_weights
 
 PARITY_SAMPLES = 3
 STRICT_PASSES_ENV = "EDGEVIT_STRICT_PASSES"  # "1": strict_passes defaults to True
 _log = logging.getLogger("edgevit.export")
+_converters_log = logging.getLogger("edgevit.converters")  # what the converters print, captured
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -65,6 +78,7 @@ class _Subject:
     seed: int
     weights: Path | None = None
     reference: ResolvedModel | None = None  # a Hugging Face folder or module:factory (edgevit.references)
+    verbose: bool = False  # show the converters' output (logged on "edgevit.converters")
 
 
 def export_model(
@@ -85,6 +99,7 @@ def export_model(
     compare_without_passes: bool = False,
     strict_passes: bool | None = None,
     init: str = "keep",
+    verbose: bool = False,
 ) -> ExportResult:
     """Export a zoo model (by name) or any module to ``target``, check parity, write a manifest.
 
@@ -100,7 +115,10 @@ def export_model(
     edgevit's own test suite does, so that a pass bug fails a test instead of being absorbed).
     ``init="exercise"`` re-initialises a user module's weights (seeded by ``seed``)
     so every layer passes signal (see :func:`edgevit.weights.exercise_weights`); ``"keep"`` (default)
-    exports the weights it has.
+    exports the weights it has; float16/bfloat16 weights or inputs are refused (call ``model.float()``:
+    ``precision="fp16"`` makes the half-precision artifact from fp32 weights).
+    The converters' own output (progress bars, C++ logs) never reaches the caller's stdout/stderr: it is
+    logged on the ``edgevit.converters`` logger at DEBUG, or shown (at INFO) with ``verbose=True``.
     A parity failure still writes both (the manifest says ``failed``) and then raises
     :class:`~edgevit.errors.ParityError`, whose ``result`` attribute holds the :class:`ExportResult`.
     """
@@ -111,35 +129,78 @@ def export_model(
     tgt.check_installed()
     if strict_passes is None:
         strict_passes = os.environ.get(STRICT_PASSES_ENV) == "1"
-    subject = _prepare_subject(model_or_name, example_inputs, input_size, name, seed, weights, init)
+    subject = _prepare_subject(model_or_name, example_inputs, input_size, name, seed, weights, init, verbose)
+    created = missing_dirs(Path(out))  # removed again if this export fails: no empty folder of ours is left
     out_dir = prepare_out_dir(Path(out))
-    pipeline = run_pipeline(subject.model, subject.example_inputs, pass_names, _parity_inputs(subject),
-                            strict=strict_passes)
-    with torch.no_grad():
-        example_out = subject.model(*subject.example_inputs)
-    names = output_names(example_out)
-
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # the old manifest must not vouch for new files
-    staging = Path(tempfile.mkdtemp(prefix=".edgevit-tmp-", dir=out_dir))
     try:
-        build = _Build(tgt, subject, names, precision, verify, latency_runs)
-        parity, pipeline, rollback = build.with_fallback(pipeline, staging, strict_passes)
-        without = _without_passes(tgt, subject, names, precision, staging) if compare_without_passes else None
-        files = [out_dir / f.name for f in sorted(staging.iterdir()) if not f.name.startswith(".")]
-        for f in files:
-            place(staging / f.name, f)
-        artifact = out_dir / f"{subject.name}{tgt.suffix}"
-        manifest = _manifest(tgt, subject, precision, artifact, files, parity, example_out, names)
-        manifest["accelerator"] = acc
-        manifest["passes"] = _passes_record(passes, pass_names, pipeline, parity, without) | {"rollback": rollback}
-        manifest_path = out_dir / MANIFEST_NAME
-        write_json_atomic(manifest_path, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        pipeline = run_pipeline(subject.model, subject.example_inputs, pass_names, _parity_inputs(subject),
+                                strict=strict_passes)
+        with torch.no_grad():
+            example_out = subject.model(*subject.example_inputs)
+        names = output_names(example_out)
+
+        sweep_stale_staging(out_dir)  # staging folders of exports that were killed
+        staging = make_staging(out_dir)
+        previous = staging / PREVIOUS_DIR  # what this export replaces, put back if it fails
+        placed: list[Path] = []
+        try:
+            previous.mkdir()
+            _set_aside(out_dir / MANIFEST_NAME, previous)  # the old manifest must not vouch for new files
+            build = _Build(tgt, subject, names, precision, verify, latency_runs)
+            parity, pipeline, rollback = build.with_fallback(pipeline, staging, strict_passes)
+            without = _without_passes(tgt, subject, names, precision, staging) if compare_without_passes else None
+            files = [out_dir / f.name for f in sorted(staging.iterdir()) if not f.name.startswith(".")]
+            check_parent_alive()
+            for f in files:
+                _set_aside(f, previous)
+                place(staging / f.name, f)
+                placed.append(f)
+            artifact = out_dir / f"{subject.name}{tgt.suffix}"
+            manifest = _manifest(tgt, subject, precision, artifact, files, parity, example_out, names)
+            manifest["accelerator"] = acc
+            manifest["passes"] = _passes_record(passes, pass_names, pipeline, parity, without) | {"rollback": rollback}
+            manifest_path = out_dir / MANIFEST_NAME
+            check_parent_alive()  # an export child whose parent is gone writes no manifest
+            write_json_atomic(manifest_path, manifest)
+        except BaseException as exc:
+            need = tree_bytes(staging) - tree_bytes(previous) + sum(tree_bytes(f) for f in placed)
+            _undo_placement(placed, previous, out_dir)
+            if is_no_space(exc):
+                raise EdgevitError(no_space_message(out_dir, need)) from None
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
     result = ExportResult(artifact, manifest_path, manifest, parity, files)
     if parity.status == "failed":
         raise ParityError(f"{subject.name} -> {tgt.name} ({precision}): parity failed; see {manifest_path}", result)
     return result
+
+
+PREVIOUS_DIR = ".previous"
+
+
+def _set_aside(path: Path, previous: Path) -> None:
+    """Move an existing file or folder of a previous export into ``previous`` (same file system)."""
+    if path.exists() or path.is_symlink():
+        os.replace(path, previous / path.name)
+
+
+def _undo_placement(placed: list[Path], previous: Path, out_dir: Path) -> None:
+    """A failed or interrupted export: remove what it placed, put back what it replaced."""
+    for f in placed:
+        if f.is_dir() and not f.is_symlink():
+            shutil.rmtree(f, ignore_errors=True)
+        else:
+            f.unlink(missing_ok=True)
+    if previous.is_dir():
+        for f in previous.iterdir():
+            try:
+                os.replace(f, out_dir / f.name)
+            except OSError as exc:
+                _log.warning("could not restore %s: %s", out_dir / f.name, exc)
 
 
 @dataclass
@@ -155,7 +216,7 @@ class _Build:
 
     def run(self, pipeline: PipelineResult, where: Path) -> ParityReport:
         staged = where / f"{self.subject.name}{self.tgt.suffix}"
-        _convert(self.tgt, pipeline, self.subject.example_inputs, staged, self.precision)
+        _convert(self.tgt, pipeline, self.subject.example_inputs, staged, self.precision, self.subject.verbose)
         if not self.verify:
             return ParityReport("skipped", self.precision, detail="--no-verify: parity not checked")
         parity = _verify(self.tgt, staged, self.subject, self.names, self.precision, self.latency_runs,
@@ -196,7 +257,7 @@ class _Build:
         if parity is not None and fallback.status == "failed":
             return parity, pipeline, {"tried": "without passes", "reason": why, "outcome": "parity failed too"}
         for f in staging.iterdir():
-            if f != scratch:
+            if f != scratch and f.name not in (OWNER_FILE, PREVIOUS_DIR):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
         for f in scratch.iterdir():
             f.rename(staging / f.name)
@@ -216,6 +277,41 @@ def _prepare_subject(
     seed: int,
     weights: str | os.PathLike | None = None,
     init: str = "keep",
+    verbose: bool = False,
+) -> _Subject:
+    """What to export, checked: every input ``export_model`` rejects fails here as an EdgevitError."""
+    subject = _build_subject(model_or_name, example_inputs, input_size, name, seed, weights, init)
+    subject.verbose = verbose
+    _check_subject(subject)
+    return subject
+
+
+def _check_subject(subject: _Subject) -> None:
+    """Refuse inputs and weights the exporters cannot take, saying what to change."""
+    half = [(n, t.dtype) for n, t in [*subject.model.named_parameters(), *subject.model.named_buffers()]
+            if t.dtype in _HALF]
+    if half:
+        more = f" and {len(half) - 1} more" if len(half) > 1 else ""
+        raise EdgevitError(f"{subject.name} has {half[0][1]} weights ('{half[0][0]}'{more}): edgevit exports from "
+                           "float32 weights; call model.float() before exporting and use precision='fp16' for a "
+                           "half-precision artifact")
+    for i, t in enumerate(subject.example_inputs):
+        if t.numel() == 0:
+            raise EdgevitError(f"example input {i} has shape {list(t.shape)}, with no elements: give at least one "
+                               "sample (batch size >= 1) and no zero-size dimension")
+        if t.dtype in _HALF:
+            raise EdgevitError(f"example input {i} is {t.dtype}: edgevit exports float32 models; pass float32 "
+                               "inputs (.float()) and use precision='fp16' for a half-precision artifact")
+
+
+def _build_subject(
+    model_or_name: nn.Module | str,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None,
+    input_size: int | None,
+    name: str | None,
+    seed: int,
+    weights: str | os.PathLike | None = None,
+    init: str = "keep",
 ) -> _Subject:
     if init not in INIT_MODES:
         raise EdgevitError(f"unknown init '{init}'; choose one of: {', '.join(INIT_MODES)}")
@@ -223,7 +319,7 @@ def _prepare_subject(
         return _reference_subject(model_or_name, example_inputs, input_size, name, seed, weights, init)
     if isinstance(model_or_name, str):
         info = model_info(model_or_name)
-        size = check_input_size(info, input_size or info.input_size)
+        size = check_input_size(info, check_requested_size(input_size) or info.input_size)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = create_model(info.name, img_size=size, weights=weights)
@@ -273,8 +369,35 @@ def _as_tuple(inputs: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tens
     only make ``torch.export`` record a non-default dim order, which coremltools rejects ("Core ML does
     not have general support for non-contiguous dim order"). The values are the same.
     """
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    return tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in inputs)
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, (list, tuple)) and inputs:
+        inputs = tuple(inputs)
+    else:
+        raise EdgevitError(f"example_inputs must be a torch.Tensor or a non-empty list/tuple of tensors, got "
+                           f"{_describe(inputs)}{_tensor_hint(inputs)}")
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise EdgevitError(f"example input {i} is {_describe(t)}, not a torch.Tensor{_tensor_hint(t)}")
+    return tuple(t.contiguous() for t in inputs)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, (list, tuple)) and not value:
+        return f"an empty {type(value).__name__}"
+    cls = type(value)
+    package = cls.__module__.split(".")[0]
+    return f"a {cls.__name__}" if package == "builtins" else f"a {package}.{cls.__name__}"
+
+
+def _tensor_hint(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return ": convert it with torch.from_numpy(array)"
+    if isinstance(value, dict):
+        return ": pass the tensors as a tuple, in the order forward() takes them"
+    if isinstance(value, (list, tuple, int, float)) and not (isinstance(value, (list, tuple)) and not value):
+        return ": convert it with torch.tensor(...)"
+    return ""
 
 
 def _image_batch(info: ModelInfo, size: int, seed: int) -> torch.Tensor:
@@ -302,15 +425,66 @@ def _parity_inputs(subject: _Subject) -> list[tuple[torch.Tensor, ...]]:
     return samples
 
 
-def _convert(tgt: Target, pipeline: PipelineResult, inputs: tuple, dst: Path, precision: str) -> None:
+def _convert(tgt: Target, pipeline: PipelineResult, inputs: tuple, dst: Path, precision: str,
+             verbose: bool = False) -> None:
     source = pipeline.model if tgt.converter_input == "module" else pipeline.program
     try:
-        tgt.converter_module().convert(source, inputs, dst, precision)
+        with _converter_output(tgt.converter, verbose):
+            tgt.converter_module().convert(source, inputs, dst, precision)
     except EdgevitError:
         raise
     except Exception as exc:  # converters raise anything; keep the first line, hide the traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EdgevitError(f"{tgt.converter} failed: {type(exc).__name__}: {first[:300]}") from exc
+
+
+@contextlib.contextmanager
+def _converter_output(converter: str, verbose: bool) -> Any:
+    """Capture what a converter prints, at the fd level (they print from C++ too), and log it.
+
+    fds 1 and 2 and ``sys.stdout``/``sys.stderr`` (which may not be fds 1/2: notebooks, pytest) go to one
+    temp file (O_APPEND: both writers interleave); on exit the text is logged on ``edgevit.converters`` at
+    DEBUG, or at INFO with ``verbose`` (written to stderr when logging would not show INFO).
+    """
+    fd, path = tempfile.mkstemp(prefix="edgevit-converter-", suffix=".log")
+    os.close(fd)
+    sink = os.open(path, os.O_WRONLY | os.O_APPEND)
+    text = open(os.dup(sink), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 (closed below)
+    streams = sys.stdout, sys.stderr
+    saved: list[tuple[int, int]] = []
+    try:
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                stream.flush()
+        for target in (1, 2):
+            with contextlib.suppress(OSError):  # a closed fd 1/2 (daemons) has nothing to capture
+                saved.append((target, os.dup(target)))
+                os.dup2(sink, target)
+        sys.stdout = sys.stderr = text
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            text.flush()
+        sys.stdout, sys.stderr = streams
+        for target, copy_of in saved:
+            os.dup2(copy_of, target)
+            os.close(copy_of)
+        text.close()
+        os.close(sink)
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            printed = fh.read().strip()
+        os.unlink(path)
+        if printed:
+            _log_converter_output(converter, printed, verbose)
+
+
+def _log_converter_output(converter: str, printed: str, verbose: bool) -> None:
+    if not verbose:
+        _converters_log.debug("%s printed:\n%s", converter, printed)
+    elif _converters_log.isEnabledFor(logging.INFO) and _converters_log.hasHandlers():
+        _converters_log.info("%s printed:\n%s", converter, printed)
+    else:  # logging not set up to show INFO: verbose=True still shows it
+        sys.stderr.write(f"{converter} printed:\n{printed}\n")
 
 
 def _passes_record(
@@ -349,7 +523,7 @@ def _without_passes(
         unrewritten = PipelineResult(subject.model, subject.example_inputs)  # captured if the converter needs it
         artifact = scratch / f"{subject.name}{tgt.suffix}"
         try:
-            _convert(tgt, unrewritten, subject.example_inputs, artifact, precision)
+            _convert(tgt, unrewritten, subject.example_inputs, artifact, precision, subject.verbose)
         except EdgevitError as exc:
             return {"status": "conversion failed", "error": str(exc)}
         report = _verify(tgt, artifact, subject, names, precision, 0)
@@ -398,15 +572,34 @@ def _verify(
     if refs is None:  # export_model passes the outputs the pipeline computed on these seeded samples
         with torch.no_grad():
             refs = [[t.numpy() for t in flatten_outputs(subject.model(*s))] for s in samples]
-    if tgt.name == "coreml":
-        return _verify_coreml(artifact, subject, samples, refs, names, precision)
-    runner = load_runner(tgt.name, artifact)
-    outs = [runner.run([t.numpy() for t in s]) for s in samples]
-    report = compare(refs, outs, names, precision)
-    report.runtime = runner.info
-    if latency_runs > 0:
-        report.median_ms = runner.median_ms([t.numpy() for t in samples[0]], runs=latency_runs)
+    _check_outputs(refs, names)
+    with _converter_output(tgt.runtime, subject.verbose):  # runtimes print too (TFLite: its delegate)
+        if tgt.name == "coreml":
+            report = _verify_coreml(artifact, subject, samples, refs, names, precision)
+        else:
+            runner = load_runner(tgt.name, artifact)
+            outs = [runner.run([t.numpy() for t in s]) for s in samples]
+            report = compare(refs, outs, names, precision)
+            report.runtime = runner.info
+            if latency_runs > 0:
+                report.median_ms = runner.median_ms([t.numpy() for t in samples[0]], runs=latency_runs)
+    if report.status == "degenerate":  # not a failure, not a pass: say so (the CLI exits 1)
+        _log.warning("%s -> %s: %s", subject.name, tgt.name, report.detail)
     return report
+
+
+def _check_outputs(refs: list[list[np.ndarray]], names: list[str]) -> None:
+    """Outputs parity (and any exported graph) can take: non-empty, with a shape fixed by the input shape."""
+    for i, name in enumerate(names):
+        shapes = [list(sample[i].shape) for sample in refs]
+        if any(0 in shape for shape in shapes):
+            raise EdgevitError(f"output '{name}' is empty (shape {shapes[0]}): every output needs at least one "
+                               "element; check the slicing that produces it")
+        if any(shape != shapes[0] for shape in shapes):
+            other = next(shape for shape in shapes if shape != shapes[0])
+            raise EdgevitError(f"output '{name}' has a data-dependent shape ({shapes[0]} on one input, {other} on "
+                               "another of the same shape): exported graphs need shapes fixed by the input shape; "
+                               "e.g. use torch.where(mask, x, 0) instead of x[mask], or pad to a maximum size")
 
 
 def _verify_coreml(

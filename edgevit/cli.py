@@ -22,8 +22,14 @@ from rich.table import Table
 
 import edgevit
 from edgevit.errors import EdgevitError
-from edgevit.export.isolated import TARGET_TIMEOUT_S, export_in_child
-from edgevit.export.manifest import prepare_out_dir
+from edgevit.export.isolated import (
+    TARGET_TIMEOUT_S,
+    Terminated,
+    export_in_child,
+    guard_child,
+    install_sigterm_handler,
+)
+from edgevit.export.manifest import missing_dirs, prepare_out_dir, remove_empty_dirs, to_json
 from edgevit.export.targets import resolve_precision
 
 app = typer.Typer(
@@ -37,7 +43,8 @@ app = typer.Typer(
 out_console = Console(width=None if sys.stdout.isatty() else 132)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
 
-STATUS_STYLE = {"passed": "green", "failed": "red", "skipped": "yellow", "converted-not-verified": "yellow"}
+STATUS_STYLE = {"passed": "green", "failed": "red", "skipped": "yellow", "converted-not-verified": "yellow",
+                "degenerate": "yellow"}
 STATUS_TEXT = {"converted-not-verified": "converted, not verified"}
 
 
@@ -220,20 +227,31 @@ def export_cmd(
     its row. With --target all, artifacts go to OUT/TARGET.
     """
 
+    if in_process:
+        guard_child()  # an export child: dies with its parent, keeps its deadline, cleans up on SIGTERM
+    created: list[Path] = []
     try:
         opts = _ExportOptions(input_size, precision, no_verify, latency_runs, weights, passes, accelerator,
                               compare_without_passes, _parse_shape(input_shape), init, strict_passes)
         name, arg, targets = _check_export_args(model, target, opts, resolve=not in_process)
         base = out or (Path("exports") / name if target == "all" else Path("exports") / name / target)
+        created = missing_dirs(base)
         prepare_out_dir(base)
     except EdgevitError as exc:
+        remove_empty_dirs(created)
         _fail(str(exc), exc.exit_code)
     if in_process:
-        manifest = _export_here(arg, targets[0], base, opts)
-        out_console.file.write(json.dumps([manifest]) + "\n")
+        try:
+            manifest = _export_here(arg, targets[0], base, opts)
+        finally:
+            remove_empty_dirs(created)  # only if the export left nothing in a folder it created
+        out_console.file.write(to_json([manifest]) + "\n")
         raise typer.Exit(_exit_code([manifest]))
     outs = {t: base / t if target == "all" else base for t in targets}
-    manifests = _export_isolated(arg, outs, opts.to_flags(), quiet=as_json)
+    try:
+        manifests = _export_isolated(arg, outs, opts.to_flags(), quiet=as_json)
+    finally:
+        remove_empty_dirs(created)
     if target != "all" and manifests[0]["status"] == "error":
         _fail(manifests[0]["error"])
     _report(manifests, as_json)
@@ -251,8 +269,12 @@ def _check_export_args(model: str, target: str, opts: _ExportOptions,
     from edgevit.export.passes import resolve_passes
     from edgevit.export.targets import PRECISIONS, TARGETS, get_target
     from edgevit.references import is_reference
+    from edgevit.registry import check_input_memory, check_requested_size
     from edgevit.weights import INIT_MODES
 
+    check_requested_size(opts.input_size)  # 0 is not "the model's size"; a huge size fails here, not in malloc
+    if opts.input_shape is not None:
+        check_input_memory(opts.input_shape, f"--input-shape {','.join(map(str, opts.input_shape))}")
     reference = is_reference(model)
     info = None if reference else _zoo_info(model, opts)
     if opts.init not in INIT_MODES:
@@ -360,7 +382,7 @@ def _export_isolated(model: str, outs: dict[str, Path], flags: list[str], quiet:
 def _exit_code(manifests: list[dict]) -> int:
     if any(m["status"] == "error" for m in manifests):
         return 2
-    return 1 if any(m["status"] == "failed" for m in manifests) else 0
+    return 1 if any(m["status"] in ("failed", "degenerate") for m in manifests) else 0
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -375,7 +397,7 @@ def _worst(outputs: list[dict], key: str, fn: Any) -> Optional[float]:
 
 def _report(manifests: list[dict], as_json: bool) -> None:
     if as_json:
-        out_console.print_json(json.dumps(manifests))
+        out_console.print_json(to_json(manifests))
         return
     table = Table(title=f"parity vs PyTorch: {manifests[0]['model']['name']}")
     for col in ("target", "precision", "status", "max abs err", "err/peak", "cosine", "top-1", "top-5",
@@ -389,7 +411,7 @@ def _report(manifests: list[dict], as_json: bool) -> None:
         outs = p.get("outputs") or []
         worst = lambda key, fn: _worst(outs, key, fn)  # noqa: E731
         err = worst("max_abs_err", max)
-        ratios = [o["max_abs_err"] / o["peak"] for o in outs if o.get("peak")]
+        ratios = [o["max_abs_err"] / o["peak"] for o in outs if o.get("peak") and o.get("max_abs_err") is not None]
         status = m["status"]
         text = p.get("verification") or STATUS_TEXT.get(status, status)
         table.add_row(
@@ -422,9 +444,10 @@ def _report(manifests: list[dict], as_json: bool) -> None:
         elif m.get("artifact_path"):
             out_console.print(f"{m['target']}: {m['artifact_path']}", highlight=False)
     for m in manifests:
-        if m["status"] == "failed":
+        if m["status"] in ("failed", "degenerate"):
             detail = m["parity"].get("detail") or f"see {m.get('artifact_path', 'the manifest')}"
-            err_console.print(f"[red]parity failed[/] for {m['target']}: {escape(detail)}", soft_wrap=True)
+            verdict = "parity failed" if m["status"] == "failed" else "parity not judged"
+            err_console.print(f"[red]{verdict}[/] for {m['target']}: {escape(detail)}", soft_wrap=True)
 
 
 @app.command("inspect")
@@ -514,7 +537,7 @@ def _fp16_range(model: str, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _inspect_report(model: str, target: str, rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        out_console.print_json(json.dumps({"model": model, "target": target, "accelerators": rows}))
+        out_console.print_json(to_json({"model": model, "target": target, "accelerators": rows}))
         return
     table = Table(title=f"accelerator coverage: {model} -> {target}")
     for col in ("accelerator", "checker", "partitions", "nodes on it", "MACs on it", "whole", "passes (sites)"):
@@ -605,25 +628,31 @@ def bench_cmd(
     Exports are cached by content hash, so re-runs only measure. Writes OUT/bench.json, bench.csv,
     latency_vs_macs.png and report.md, and prints the table.
     """
-    from edgevit.devices.bench import DEFAULT_MODELS, BenchOptions, check_options, run_bench
+    from edgevit.devices.bench import DEFAULT_MODELS, BenchOptions, check_file_path, check_options, run_bench
     from edgevit.devices.report import TABLE_HEADER, gemm_lines, table_rows, write_all
     from edgevit.references import split_model_list
 
-    opts = BenchOptions(models=split_model_list(models or "") or list(DEFAULT_MODELS), device=device,
+    model_list = list(DEFAULT_MODELS) if models is None else split_model_list(models)
+    if not model_list:
+        _fail(f"--models '{models}' names no model; give model names, comma-separated, or leave it out")
+    opts = BenchOptions(models=model_list, device=device,
                         targets=_split(targets), precision=precision, runs=runs, rounds=rounds, warmup=warmup,
                         threads=threads, passes=passes, input_size=input_size, out=out, cache=cache, profile=profile,
                         roofline=not no_roofline, budget_s=budget, run_timeout_s=timeout)
     to_stdout = json_path is not None and str(json_path) == "-"
     try:
         opts.input_shape = _parse_shape(input_shape)
+        if json_path is not None and not to_stdout:
+            check_file_path("--json", json_path)
         devices = check_options(opts)
         prepare_out_dir(out)
+        prepare_out_dir(opts.cache_dir)
     except EdgevitError as exc:
         _fail(str(exc), exc.exit_code)
     result = _bench_with_progress(opts, devices, quiet=to_stdout, run=run_bench)
     paths = write_all(result, out, None if to_stdout else json_path)
     if to_stdout:
-        out_console.file.write(json.dumps(result, default=str) + "\n")
+        out_console.file.write(to_json(result, default=str) + "\n")
     else:
         for line in gemm_lines(result):
             out_console.print(line, highlight=False)
@@ -690,8 +719,34 @@ def _quiet_third_party() -> None:
 
 
 def main() -> None:
+    """Run the CLI; usage errors (unknown option, missing or bad argument) are one line on stderr, exit 2."""
+    try:  # typer >= 0.2x vendors its own click (and its own Abort); older ones use click itself
+        from typer import Abort
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_exceptions
+        from click.exceptions import Abort
+
     _quiet_third_party()
-    app()
+    install_sigterm_handler()  # SIGTERM unwinds like Ctrl-C: children stopped, staging folders removed
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:  # bare 'edgevit': typer printed the help, as before
+        code = exc.exit_code
+    except click_exceptions.ClickException as exc:
+        where = getattr(getattr(exc, "ctx", None), "command_path", None)
+        hint = f" (see '{where} --help')" if isinstance(exc, click_exceptions.UsageError) and where else ""
+        message = " ".join(exc.format_message().split())
+        sys.stderr.write(f"error: {message}{hint}\n")
+        code = 2 if isinstance(exc, click_exceptions.UsageError) else exc.exit_code
+    except Abort:  # Ctrl-C at a prompt, or end of input: reported below
+        code = 130
+    except Terminated as exc:  # SIGTERM: children stopped and staging folders removed on the way here
+        sys.stderr.write("error: terminated\n")
+        code = exc.code
+    if code == 130:  # typer's answer to Ctrl-C (no command exits with 130 itself)
+        sys.stderr.write("error: interrupted\n")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,36 @@ def check_input_size(info: ModelInfo, size: int) -> int:
             f"which {info.name} needs; try {info.input_size}"
         )
     return size
+
+
+INPUT_MEMORY_FACTOR = 8  # an input image plus the first activations: a floor, not an estimate of the peak
+
+
+def check_requested_size(size: int | None, flag: str = "--input-size") -> int | None:
+    """A user's square input size: ``None`` (the model's own) or a positive size that fits in memory."""
+    if size is None:
+        return None
+    if size <= 0:
+        raise EdgevitError(f"{flag} {size} is not a positive size; leave it out for the model's own size")
+    check_input_memory((1, 3, size, size), f"{flag} {size}")
+    return size
+
+
+def check_input_memory(shape: tuple[int, ...], what: str) -> None:
+    """Refuse an input whose float32 image (times a small activation factor) exceeds this machine's memory."""
+    elements = 1
+    for dim in shape:
+        elements *= max(int(dim), 1)
+    need = elements * 4 * INPUT_MEMORY_FACTOR
+    have = physical_memory()
+    if have and need > have:
+        raise EdgevitError(f"{what} needs about {need / 2**30:.0f} GB for one input image; "
+                           f"this machine has {have / 2**30:.0f} GB")
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (``None`` where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

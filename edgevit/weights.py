@@ -71,7 +71,8 @@ def load_weights(
 
 
 def check_state_dict(model: nn.Module, state: StateDict, source: str) -> None:
-    """Raise if ``state`` does not fit ``model`` exactly (missing, unexpected or mis-shaped tensors)."""
+    """Raise if ``state`` does not fit ``model`` exactly: missing, unexpected or mis-shaped tensors,
+    integer tensors where the model has floats (never cast silently), NaN/Inf values (named)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -80,13 +81,27 @@ def check_state_dict(model: nn.Module, state: StateDict, source: str) -> None:
         for k in expected
         if k in state and state[k].shape != expected[k].shape
     ]
+    common = [k for k in expected if k in state]
+    # load_state_dict would cast an integer tensor into a float parameter silently (and NaN/Inf weights
+    # would export "fine" and fail parity mysteriously): both are checkpoint errors
+    dtypes = [f"{k} {str(state[k].dtype).removeprefix('torch.')} vs {str(expected[k].dtype).removeprefix('torch.')}"
+              for k in common if expected[k].is_floating_point() and not state[k].is_floating_point()]
+    nonfinite = [f"{k} ({_count_nonfinite(state[k])})" for k in common
+                 if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes),
+                         ("integer tensor(s) where the model has floats", dtypes),
+                         ("tensor(s) with NaN/Inf values", nonfinite)):
         if items:
             more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
             problems.append(f"{len(items)} {label}: {', '.join(items[:SHOWN])}{more}")
     if problems:
         raise EdgevitError(f"checkpoint '{source}' does not fit {type(model).__name__}: " + "; ".join(problems))
+
+
+def _count_nonfinite(t: torch.Tensor) -> str:
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    return ", ".join(f"{n} {label}" for n, label in ((nan, "NaN"), (inf, "Inf")) if n)
 
 
 def exercise_all_parameters(model: nn.Module, seed: int) -> nn.Module:

@@ -140,11 +140,12 @@ def verify(path: Path, samples: list[list[np.ndarray]], refs: list[list[np.ndarr
         ran.append("Core ML prediction")
     main = reports["coreml" if "coreml" in reports else precision]
     failed = [c["check"] for c in checks if c["gating"] and c["status"] == "failed"]
-    main.status = "failed" if failed else "passed"
-    main.detail = f"failed: {'; '.join(failed)}" if failed else ""
+    degenerate = "" if failed else next((r.detail for r in reports.values() if r.status == "degenerate"), "")
+    main.status = "failed" if failed else "degenerate" if degenerate else "passed"
+    main.detail = f"failed: {'; '.join(failed)}" if failed else degenerate
     main.checks = checks
     main.fp16_range = range_observer.report()  # the ops that misbehave in fp16, on sample 1
-    main.verification = f"{'failed' if failed else 'verified'} ({' + '.join(ran)})"
+    main.verification = f"{'failed' if failed else 'not judged' if degenerate else 'verified'} ({' + '.join(ran)})"
     main.runtime = {"runtime": "edgevit MIL reference executor", "loader": f"coremltools {version('coremltools')}",
                     "opset": program.opset, "ops": program.op_types(), "structural_check": structural}
     return main

@@ -3,17 +3,31 @@
 The child is ``edgevit export MODEL --target T --out DIR --in-process FLAGS``, which prints its
 manifest as JSON on stdout (converters' own prints go to stderr). Used by ``edgevit export``,
 ``edgevit inspect`` and ``edgevit bench``.
+
+No child outlives its export: the parent stops it (SIGTERM, then SIGKILL) on timeout, Ctrl-C or SIGTERM;
+the child (:func:`guard_child`) dies with its parent (PR_SET_PDEATHSIG, plus a watchdog thread) and keeps
+the deadline on its own. SIGTERM unwinds like an exception, so staging folders are removed on the way out.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 TARGET_TIMEOUT_S = 1800
+GRACE_S = 10.0  # a child told to stop (SIGTERM) gets this long to clean up before SIGKILL
+PARENT_ENV = "EDGEVIT_EXPORT_PARENT"  # set for the child: the PID it must not outlive
+DEADLINE_ENV = "EDGEVIT_EXPORT_DEADLINE"  # set for the child: epoch seconds it must be done by
+_PR_SET_PDEATHSIG = 1
+_parent_pid: int | None = None  # in an export child: the parent's PID
+_stopping: str | None = None  # in an export child: why the watchdog is stopping it
 
 
 def export_command(model: str, target: str, out: Path, flags: Sequence[str]) -> list[str]:
@@ -28,10 +42,20 @@ def export_in_child(model: str, target: str, out: Path, flags: Sequence[str],
 
 
 def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float = TARGET_TIMEOUT_S) -> dict[str, Any]:
+    """Run one export child; on timeout, Ctrl-C or SIGTERM here it is stopped (SIGTERM, then SIGKILL)
+    before this returns or re-raises, so no child outlives the export and its staging folder goes too."""
+    env = {**os.environ, PARENT_ENV: str(os.getpid()), DEADLINE_ENV: f"{time.time() + timeout_s:.3f}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            stdin=subprocess.DEVNULL)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        stop_child(proc)
         return error_row(model, target, f"timed out after {timeout_s:.0f} s")
+    except BaseException:  # KeyboardInterrupt, SystemExit (SIGTERM): the child goes with us
+        stop_child(proc)
+        raise
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     try:
         return json.loads(proc.stdout)[0]
     except (json.JSONDecodeError, IndexError, KeyError):
@@ -40,8 +64,94 @@ def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float =
         reason = (errors or lines or [f"exited with code {proc.returncode}"])[-1]
         if proc.returncode < 0:
             reason = f"converter process killed by signal {-proc.returncode}"
+        elif proc.returncode == 128 + signal.SIGTERM and reason in ("error: terminated", "terminated"):
+            reason = "converter process terminated (SIGTERM)"
         return error_row(model, target, reason.removeprefix("error: "))
 
 
 def error_row(model: str, target: str, reason: str) -> dict[str, Any]:
     return {"status": "error", "model": {"name": model}, "target": target, "error": reason}
+
+
+def stop_child(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
+    """SIGTERM (the child cleans its staging folder), then SIGKILL after ``grace_s``; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        except BaseException:  # a second Ctrl-C: no more grace
+            proc.kill()
+            proc.wait()
+            raise
+    proc.communicate()
+
+
+# --- the child's side ---------------------------------------------------------------------------------
+
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread: ``finally`` blocks run, so staging folders are removed."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+def install_sigterm_handler() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def guard_child() -> None:
+    """In an export child (started by :func:`run_export_child`): die with the parent and keep the deadline.
+
+    SIGTERM becomes SystemExit; on Linux the kernel sends SIGTERM when the parent dies (PR_SET_PDEATHSIG);
+    a watchdog thread also polls the parent's PID and the deadline (so the timeout holds without the
+    parent), sends SIGTERM to this process, and exits hard if cleanup takes longer than ``GRACE_S``.
+    Outside an export child (no environment from the parent) this does nothing.
+    """
+    global _parent_pid
+    parent = os.environ.pop(PARENT_ENV, None)
+    deadline_text = os.environ.pop(DEADLINE_ENV, None)
+    if parent is None or not parent.isdigit():
+        return
+    _parent_pid = int(parent)
+    try:
+        deadline = float(deadline_text) if deadline_text else None
+    except ValueError:
+        deadline = None
+    install_sigterm_handler()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still notices
+    if os.getppid() != _parent_pid:  # the parent died before prctl: nothing done yet, nothing to clean
+        os._exit(128 + signal.SIGTERM)
+    threading.Thread(target=_watchdog, args=(_parent_pid, deadline), name="edgevit-export-watchdog",
+                     daemon=True).start()
+
+
+def _watchdog(parent: int, deadline: float | None, poll_s: float = 0.5) -> None:
+    global _stopping
+    while True:
+        if os.getppid() != parent:
+            _stopping = "the parent process is gone"
+        elif deadline is not None and time.time() > deadline:
+            _stopping = "past the export deadline"
+        if _stopping:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(GRACE_S)
+            os._exit(128 + signal.SIGTERM)  # stuck in native code: give up on cleanup (the next export sweeps)
+        time.sleep(poll_s)
+
+
+def check_parent_alive() -> None:
+    """In an export child whose parent died (or whose deadline passed): stop before writing anything more."""
+    if _parent_pid is not None and (_stopping or os.getppid() != _parent_pid):
+        raise Terminated(128 + signal.SIGTERM)

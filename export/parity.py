@@ -11,6 +11,18 @@ Cosine similarity complements the peak bound: a real bug rotates the output vect
 Top-1/top-5 agreement is reported, not gated: flipping a top-1 whose margin over the runner-up is m
 needs an error of at least m/2, so any flip on a clear margin already fails the peak bound, and a
 flip within the bound is a near-tie resolved differently by rounding.
+
+Degenerate outputs: both bounds are relative to the reference, so they cannot judge a reference whose
+peak is 0 or below float32's smallest normal number (``np.finfo(np.float32).tiny`` ~ 1.2e-38: a
+denormal peak has lost its own precision, and a model whose outputs shrank there, e.g. a deep network
+with tiny random init, would let any artifact "pass" against ~0). So:
+- outputs identical to the reference (bit for bit, identical zeros included) pass, with cosine 1;
+- otherwise a reference with a zero or denormal peak (or NaN/Inf values) makes the report's status
+  ``degenerate``: neither a pass nor a failure, with a detail saying what to do (load trained weights,
+  or re-initialise with ``init="exercise"``). The tolerances are not loosened for it. A real failure
+  on another output still makes the report ``failed``. The CLI exits 1 on ``degenerate``, as on
+  ``failed``: the artifact was not shown to match; ``export_model`` returns (``result.ok`` is False)
+  and logs a warning instead of raising ``ParityError``.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ class OutputParity:
     top1_agreement: float | None
     top5_agreement: float | None
     passed: bool
+    degenerate: str = ""  # why parity cannot judge this output (see the module docstring), else ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,25 +72,45 @@ def compare_output(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance) 
     """Parity of one output; ``ref``/``out`` stack every sample on axis 0."""
     if ref.shape != out.shape:
         raise ValueError(f"output '{name}': artifact shape {list(out.shape)} != PyTorch {list(ref.shape)}")
+    if ref.size == 0:
+        raise ValueError(f"output '{name}' is empty (shape {list(ref.shape)}): parity has nothing to compare")
     ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
     err = np.abs(out64 - ref64)
     peak = float(np.abs(ref64).max())
     max_abs = float(err.max())
     max_rel = float((err / np.maximum(np.abs(ref64), 1e-12)).max())
-    cosine = float(np.dot(ref64.ravel(), out64.ravel()) / (np.linalg.norm(ref64) * np.linalg.norm(out64) + 1e-300))
+    identical = bool(np.array_equal(ref64, out64))
+    cosine = 1.0 if identical else float(
+        np.dot(ref64.ravel(), out64.ravel()) / (np.linalg.norm(ref64) * np.linalg.norm(out64) + 1e-300))
+    degenerate = "" if identical else _degenerate(ref64, peak)
     top1 = top5 = None
     if ref.ndim >= 2 and ref.shape[-1] >= 5:  # class scores on the last axis
         r2, o2 = ref64.reshape(-1, ref.shape[-1]), out64.reshape(-1, ref.shape[-1])
         ref_top5, out_top5 = _topk(r2, 5), _topk(o2, 5)
         top1 = float(np.mean(ref_top5[:, 0] == out_top5[:, 0]))
         top5 = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ref_top5, out_top5)]))
-    passed = bool(max_abs <= tol.max_abs_rel_to_peak * max(peak, 1e-12) and cosine >= tol.min_cosine)
-    return OutputParity(name, list(ref.shape), max_abs, max_rel, peak, cosine, top1, top5, passed)
+    passed = identical or bool(
+        not degenerate and max_abs <= tol.max_abs_rel_to_peak * peak and cosine >= tol.min_cosine)
+    return OutputParity(name, list(ref.shape), max_abs, max_rel, peak, cosine, top1, top5, passed, degenerate)
+
+
+DEGENERATE_DETAIL = ('reference output is degenerate: parity cannot judge this model; '
+                     'load trained weights (or init="exercise")')
+
+
+def _degenerate(ref64: np.ndarray, peak: float) -> str:
+    """Why a (non-identical) comparison against ``ref64`` cannot be judged, or "" when it can."""
+    if not np.isfinite(ref64).all():
+        return "reference output has NaN/Inf values: parity cannot judge this model; check its weights and inputs"
+    if peak < np.finfo(np.float32).tiny:  # 0, or denormal in float32
+        return f"{DEGENERATE_DETAIL} (its peak |value| is {peak:.3g})"
+    return ""
 
 
 @dataclass
 class ParityReport:
-    """The parity verdict of one artifact: ``status`` is passed, failed, skipped or converted-not-verified."""
+    """The parity verdict of one artifact: ``status`` is passed, failed, degenerate, skipped or
+    converted-not-verified."""
 
     status: str
     precision: str
@@ -93,7 +126,7 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return self.status != "failed"
+        return self.status not in ("failed", "degenerate")
 
     def worst(self, key: str) -> float | None:
         """The worst value of an error metric over outputs (max for errors, min for similarities)."""
@@ -119,5 +152,9 @@ def compare(
         compare_output(name, np.stack([r[i] for r in refs]), np.stack([o[i] for o in outs]), tol)
         for i, name in enumerate(names)
     ]
-    status = "passed" if all(r.passed for r in results) else "failed"
-    return ParityReport(status, precision, len(refs), asdict(tol), results)
+    failed = [r for r in results if not r.passed and not r.degenerate]
+    degenerate = [r for r in results if r.degenerate]
+    if failed or not degenerate:
+        return ParityReport("failed" if failed else "passed", precision, len(refs), asdict(tol), results)
+    detail = "; ".join(f"output '{r.name}': {r.degenerate}" for r in degenerate)
+    return ParityReport("degenerate", precision, len(refs), asdict(tol), results, detail=detail)

@@ -69,7 +69,9 @@ def test_failed_conversion_leaves_nothing_finished(tmp_path, monkeypatch) -> Non
     (tmp_path / "manifest.json").write_text("{}")  # a previous export's manifest
     with pytest.raises(EdgevitError, match="failed: RuntimeError: converter blew up$"):
         edgevit.export_model(TwoHeads(), torch.randn(1, 3, 32, 32), target="onnx", out=tmp_path)
-    assert list(tmp_path.iterdir()) == []  # no artifact, no stale manifest, no staging directory
+    # no artifact, no staging directory; what was there before (the previous manifest) is kept as it was
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    assert (tmp_path / "manifest.json").read_text() == "{}"
 
 
 def test_missing_backend_names_the_extra(monkeypatch) -> None:
