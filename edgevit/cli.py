@@ -175,6 +175,7 @@ class _ExportOptions:
     input_shape: Optional[tuple[int, ...]] = None  # references only; the parent fills in the full shape
     init: str = "keep"
     strict_passes: bool = False
+    verbose: bool = False
 
     def to_flags(self) -> list[str]:
         flags = ["--latency-runs", str(self.latency_runs), "--passes", self.passes, "--init", self.init]
@@ -185,7 +186,7 @@ class _ExportOptions:
             if value:
                 flags += [flag, str(value)]
         flags += ["--no-verify"] * self.no_verify + ["--compare-without-passes"] * self.compare_without_passes
-        return flags + ["--strict-passes"] * self.strict_passes
+        return flags + ["--strict-passes"] * self.strict_passes + ["--verbose"] * self.verbose
 
 
 @app.command("export")
@@ -219,6 +220,7 @@ def export_cmd(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check (the manifest says so)."),
     latency_runs: int = typer.Option(10, "--latency-runs", help="Timed runs for the median latency (0: none)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest(s) as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the converters' own output (on stderr)."),
     in_process: bool = typer.Option(False, "--in-process", hidden=True, help="Run here, not in a child process."),
 ) -> None:
     """Export MODEL to a target, run it in its runtime and compare with PyTorch.
@@ -232,7 +234,7 @@ def export_cmd(
     created: list[Path] = []
     try:
         opts = _ExportOptions(input_size, precision, no_verify, latency_runs, weights, passes, accelerator,
-                              compare_without_passes, _parse_shape(input_shape), init, strict_passes)
+                              compare_without_passes, _parse_shape(input_shape), init, strict_passes, verbose)
         name, arg, targets = _check_export_args(model, target, opts, resolve=not in_process)
         base = out or (Path("exports") / name if target == "all" else Path("exports") / name / target)
         created = missing_dirs(base)
@@ -341,7 +343,7 @@ def _export_here(model: str, target: str, out: Path, opts: _ExportOptions) -> di
                 input_size=opts.input_size, latency_runs=opts.latency_runs, weights=opts.weights,
                 passes=opts.passes, accelerator=opts.accelerator,
                 compare_without_passes=opts.compare_without_passes, strict_passes=opts.strict_passes or None,
-                init=opts.init,
+                init=opts.init, verbose=opts.verbose,
             )
     except ParityError as exc:
         result = exc.result
@@ -374,7 +376,8 @@ def _export_isolated(model: str, outs: dict[str, Path], flags: list[str], quiet:
         task = progress.add_task(f"exporting {model}", total=len(outs))
         for target, out in outs.items():
             progress.update(task, description=f"exporting {model} -> {target}")
-            manifests.append(export_in_child(model, target, out, flags, TARGET_TIMEOUT_S))
+            manifests.append(export_in_child(model, target, out, flags, TARGET_TIMEOUT_S,
+                                             echo_stderr="--verbose" in flags))
             progress.advance(task)
     return manifests
 

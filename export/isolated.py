@@ -36,12 +36,14 @@ def export_command(model: str, target: str, out: Path, flags: Sequence[str]) -> 
 
 
 def export_in_child(model: str, target: str, out: Path, flags: Sequence[str],
-                    timeout_s: float = TARGET_TIMEOUT_S) -> dict[str, Any]:
-    """The child's manifest (plus ``artifact_path``), or an error row ``{"status": "error", ...}``."""
-    return run_export_child(export_command(model, target, out, flags), model, target, timeout_s)
+                    timeout_s: float = TARGET_TIMEOUT_S, echo_stderr: bool = False) -> dict[str, Any]:
+    """The child's manifest (plus ``artifact_path``), or an error row ``{"status": "error", ...}``.
+    ``echo_stderr`` copies the child's stderr (the converters' output with ``--verbose``) to ours."""
+    return run_export_child(export_command(model, target, out, flags), model, target, timeout_s, echo_stderr)
 
 
-def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float = TARGET_TIMEOUT_S) -> dict[str, Any]:
+def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float = TARGET_TIMEOUT_S,
+                     echo_stderr: bool = False) -> dict[str, Any]:
     """Run one export child; on timeout, Ctrl-C or SIGTERM here it is stopped (SIGTERM, then SIGKILL)
     before this returns or re-raises, so no child outlives the export and its staging folder goes too."""
     env = {**os.environ, PARENT_ENV: str(os.getpid()), DEADLINE_ENV: f"{time.time() + timeout_s:.3f}"}
@@ -56,6 +58,8 @@ def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float =
         stop_child(proc)
         raise
     proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if echo_stderr:
+        sys.stderr.write(stderr)
     try:
         return json.loads(proc.stdout)[0]
     except (json.JSONDecodeError, IndexError, KeyError):

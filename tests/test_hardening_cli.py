@@ -282,3 +282,12 @@ def test_readme_states_the_guarantees() -> None:
         assert re.search(rf"`{code}`", section), f"exit code {code} not named"
     for word in ("manifest", "staging", "child", "before"):
         assert word in section
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_converter_output_only_with_verbose(work: Path, verbose: bool) -> None:
+    """The converters' own prints (litert-torch's progress) reach the terminal only with -v."""
+    proc = run("export", "tinymod:factory", *SHAPE, "--target", "tflite", "--out", str(work / "out"),
+               "--latency-runs", "0", *(["-v"] if verbose else []), cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert ("LiteRT-Torch Convert" in proc.stderr) == verbose, proc.stderr[-1500:]
