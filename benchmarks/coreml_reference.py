@@ -1,4 +1,4 @@
-"""Core ML artifacts verified on Linux (issue 6's measured goals), with the MIL reference executor.
+"""Core ML artifacts verified on Linux, with the MIL reference executor.
 
     python benchmarks/coreml_reference.py [--models all|a,b] [--precision fp32] [--json out.json]
     python benchmarks/coreml_reference.py --from-junit zoo.xml   # the table of a `pytest --full-zoo` run

@@ -1,4 +1,4 @@
-"""Accelerator coverage of the zoo before and after the pass pipelines (issue 4's measured goal).
+"""Accelerator coverage of the zoo before and after the pass pipelines.
 
 For each model: ``edgevit inspect`` with ``--passes none`` (one export checked by every accelerator of
 the target) and with ``--passes auto`` for each accelerator of interest (its own pipeline). Prints a

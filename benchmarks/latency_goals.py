@@ -1,4 +1,4 @@
-"""The latency goals of the harness (issue 5), measured with ``edgevit bench`` and checked.
+"""The latency goals of the harness, measured with ``edgevit bench`` and checked.
 
     python benchmarks/latency_goals.py [--out bench-goals] [--runs 60] [--rounds 10] [--reduced] [--ceiling] [--json]
 

@@ -203,7 +203,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="Make the interleaved run N times back to back and report the spread over the runs.")
     parser.add_argument("--goal", type=float, default=2.0,
-                        help="The speed-up over eager whose attainment --repeat counts (issue 5: 2x).")
+                        help="The speed-up over eager whose attainment --repeat counts (2x).")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--export-floor", metavar="DEVICE", help=argparse.SUPPRESS)  # the child of export_floor
     parser.add_argument("--calls", type=Path, help=argparse.SUPPRESS)  # its recorded calls (JSON)

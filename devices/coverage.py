@@ -2,15 +2,15 @@
 
 ``edgevit inspect`` prints these; pass tests use them to show the partition a pass removes.
 
-Each checker uses the vendor's own tool where one runs on Linux and edgevit's rules (from
-``shared/reference/backends.md``) for what that tool does not check:
+Each checker uses the vendor's own tool where one runs on Linux and edgevit's rules (from the vendors'
+documented op lists and limits) for what that tool does not check:
 
 * ONNX NNAPI / Core ML EPs: onnxruntime's mobile usability checker (its op tables and partitioner).
 * ONNX XNNPACK EP: the EP's node-support rules (onnxruntime's ``xnnpack/detail/node_support_checker.cc``).
 * TFLite XNNPACK: the LiteRT interpreter itself (which ops its XNNPACK delegate took).
 * TFLite GPU: TensorFlow's TFLite analyzer (``gpu_compatibility=True``) plus the delegate's op table
   and rules (``gpu_compatibility.cc``), rank <= 4 and batch 1, which the analyzer does not check.
-* TFLite NNAPI: the NNAPI delegate's op list and rules (backends.md 4.5).
+* TFLite NNAPI: the NNAPI delegate's op list and rules.
 * Core ML ANE: documented Neural Engine rules over the MIL program (MLComputePlan needs macOS).
 * OpenVINO: ``Core.query_model`` on the devices present, static-shape rules for the NPU.
 
@@ -255,7 +255,7 @@ def onnx_ep_coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
     from edgevit.export.targets import get_target
 
     label, config = _ORT_EPS[accelerator]
-    # NNAPI: rank <= 4 for most ops (backends.md 1, 4.5); Core ML rejects rank > 5 (the checker's own limit)
+    # NNAPI: rank <= 4 for most ops; Core ML rejects rank > 5 (the checker's own limit)
     max_rank = get_target("onnx").accelerator(accelerator).max_rank or 999
     table = pathlib.Path(uc.__file__).parent / (config or "nnapi_supported_ops.md")
     with _ort_model(path) as model:
@@ -642,7 +642,7 @@ def _gpu_batch_matmul(ins: list[_TflTensor | None], runtime: list[_TflTensor], o
 
 
 def _nnapi_reasons(g: _TflGraph, op: _TflOp) -> list[tuple[str, str]]:
-    """The TFLite NNAPI delegate's op list and validation rules (backends.md 4.5)."""
+    """The TFLite NNAPI delegate's op list and validation rules."""
     if op.name not in _NNAPI_OPS:
         return [("op", "no NNAPI delegate case")]
     reasons = _rank_reasons(g, op, 4)
@@ -735,7 +735,7 @@ def _xnnpack_delegated(path: pathlib.Path, n_ops: int) -> tuple[set[int], int] |
     return taken, len(delegates)
 
 
-# XNNPACK delegate ops (backends.md 4.3, xnnpack_delegate.cc): the fallback when the interpreter
+# XNNPACK delegate ops (xnnpack_delegate.cc): the fallback when the interpreter
 # cannot load the model.
 _XNNPACK_OPS = frozenset("""
 ABS ADD AVERAGE_POOL_2D BATCH_MATMUL CEIL CONCATENATION CONV_2D COS DENSIFY DEPTH_TO_SPACE DEPTHWISE_CONV_2D
@@ -770,7 +770,7 @@ def tflite_coverage(path: str | pathlib.Path, accelerator: str, analyzer: bool =
                         reasons[i].extend(("gpu analyzer", m) for m in msgs)
                 if "looks compatible" in report and any(reasons):
                     # Seen with TF 2.21: the analyzer passes BROADCAST_TO and STABLEHLO_* ops, so its
-                    # per-op GPU check is not in this build (backends.md 4.7, caveat 2).
+                    # per-op GPU check is not in this build.
                     notes.append("the TFLite analyzer reported the model GPU-compatible; edgevit's rules did not")
         return _Verdicts(ops, producers, reasons, macs).coverage("tflite:gpu", checker, notes=notes)
     if accelerator == "nnapi":
@@ -801,7 +801,7 @@ def _tflite_xnnpack(path: pathlib.Path, g: _TflGraph, ops: list[str], producers:
 
 # --- Core ML / Apple Neural Engine ----------------------------------------------------------------
 
-# Known non-ANE MIL ops (backends.md 3.2: hollance/neural-engine "unsupported layers": gather, RNNs,
+# Known non-ANE MIL ops (the community's list of layers the Neural Engine does not run: gather, RNNs,
 # custom layers; scatter is gather's inverse and lowers the same way).
 _NOT_ON_ANE = frozenset({
     "gather", "gather_nd", "gather_along_axis", "scatter", "scatter_nd", "scatter_along_axis",
@@ -860,7 +860,7 @@ def _mil_const(consts: dict[str, Any], op: _MilOp, param: str) -> list[Any] | No
 
 def _ane_reasons(op: _MilOp, consts: dict[str, Any], shapes: dict[str, tuple[int | None, ...] | None],
                  fp16: bool) -> list[tuple[str, str]]:
-    """Why the Neural Engine would not run ``op`` (backends.md 3.1/3.2)."""
+    """Why the Neural Engine would not run ``op``."""
     reasons: list[tuple[str, str]] = []
     if op.type in _NOT_ON_ANE:
         reasons.append(("op", "not on the Neural Engine"))
@@ -961,7 +961,7 @@ def coreml_coverage(path: str | pathlib.Path) -> Coverage:
 def _ane_layout_hints(ops: list[_MilOp], consts: dict[str, Any]) -> list[str]:
     """Runs-but-slowly patterns (not unsupported ops): batched multi-head attention, whose softmax
     is over the last axis of a (B, H, Sq, Sk) map, where Apple's ANE form is one head at a time with
-    the softmax over dim 1 of (B, Sk, 1, Sq) (backends.md 3.1 A3-A5)."""
+    the softmax over dim 1 of (B, Sk, 1, Sq)."""
     batched = 0
     for op in ops:
         dims = op.outputs[0][2] if op.outputs else None

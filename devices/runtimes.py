@@ -35,7 +35,7 @@ class Runner:
         raise NotImplementedError
 
     def median_ms(self, inputs: Arrays, runs: int = 20, warmup: int = 3) -> float:
-        """Median wall time of ``runs`` calls after ``warmup`` calls (a quick figure; the bench is issue 5)."""
+        """Median wall time of ``runs`` calls after ``warmup`` calls (a quick figure)."""
         for _ in range(warmup):
             self.run(inputs)
         times = []

@@ -2,13 +2,13 @@
 
 The zoo matrix test (tests/test_zoo_matrix.py) reads this table: a listed cell must still fail (so a
 fix forces its row out), an unlisted cell must pass. Nothing is skipped silently. The op-substitution
-passes (issue 4) exist to empty this table.
+passes exist to empty this table.
 """
 
 from __future__ import annotations
 
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    # Empty since issue 4: filtervit_xxs -> coreml (coremltools did not finish in 28 min on the
+    # Empty: filtervit_xxs -> coreml (coremltools did not finish in 28 min on the
     # non-integer adaptive pools 110->20->110) converts with the adaptive_pool_static pass.
 }
 

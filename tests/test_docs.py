@@ -11,7 +11,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _readme_block(name: str) -> str:
-    text = README.read_text()
+    """A marked block of the README, or of a page in docs/ (reference tables moved there)."""
+    text = README.read_text() + "".join(p.read_text() for p in sorted((README.parent / "docs").glob("*.md")))
     match = re.search(rf"<!-- {name} -->\n(.*?)<!-- /{name} -->", text, re.S)
     assert match, f"README has no {name} block"
     return match.group(1)

@@ -223,7 +223,7 @@ def match_gelu(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, fx.Node, str] 
 class FuseGelu(GraphPass):
     """A hand-written GELU (``0.5*x*(1+erf(x/sqrt(2)))`` or the tanh formula) → one ``aten.gelu``.
 
-    Why (backends.md R4): TFLite has a GELU builtin (``kTfLiteBuiltinGelu``) but no ERF builtin, so
+    Why: TFLite has a GELU builtin (``kTfLiteBuiltinGelu``) but no ERF builtin, so
     litert-torch lowers a hand-written erf GELU to a ~29-op polynomial (MUL/ADD/MINIMUM/MAXIMUM/DIV)
     while ``aten.gelu`` becomes a single GELU op; Core ML has MIL ``gelu`` (EXACT / TANH_APPROXIMATION),
     OpenVINO a Gelu op, and ORT fuses its own Erf chain only at the extended optimisation level.
@@ -273,7 +273,7 @@ class GeluTanh(GraphPass):
     Why: NNAPI has neither GELU nor Erf. The ONNX exporter (opset 18) writes an exact GELU as
     Div→Erf→Add→Mul→Mul and ORT's NNAPI op list (nnapi_supported_ops.md) has no Erf, so every GELU
     cuts the graph into another NNAPI partition; TFLite's NNAPI delegate has no GELU case at all
-    (backends.md §4). Mul/Add/Tanh are all in both lists (no Pow: x^3 is two Muls).
+    Mul/Add/Tanh are all in both lists (no Pow: x^3 is two Muls).
 
     Not exact for approximate='none' sites: |gelu_tanh(x) - gelu(x)| <= GELU_TANH_MAX_ABS_ERROR
     (4.74e-4 absolute, measured on a dense float64 grid; largest at |x| ~ 2.7), plus fp32 rounding.

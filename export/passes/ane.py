@@ -1,6 +1,6 @@
 """Apple Neural Engine layout for Core ML: token tensors in (B, C, 1, S), linears as 1x1 convs.
 
-Apple's ml-ane-transformers principles (backends.md §3.1): the ANE's native layout is channels-first
+Apple's ml-ane-transformers principles: the ANE's native layout is channels-first
 4-D, so a sequence of S tokens with C channels is kept as (B, C, 1, S) (A1), every ``nn.Linear``
 becomes a 1x1 ``Conv2d`` (A2) and LayerNorm normalises over dim 1 of that tensor (A6/R7). Apple does
 this by rewriting the model by hand (reference model and ANE model side by side, checked by a
@@ -150,9 +150,9 @@ class AneLinearToConv(ViewRepairing, _PruningPass):
     """``linear(x, W, b)`` on (B, S, C) / (B, C) tokens → ``conv2d`` 1x1 on (B, C, 1, S) / (B, C, 1, 1).
 
     Why: the ANE's native layout is channels-first 4-D and its native matmul is the 1x1 convolution
-    (backends.md §3.1 A1/A2: ml-ane-transformers replaces every ``nn.Linear`` by ``nn.Conv2d(k=1)``
-    with ``state_dict[k][:, :, None, None]`` and keeps tokens as (B, C, 1, S) "BC1S"; a rank-3
-    MIL ``linear`` is laid out with the channels in the last, 64-byte aligned axis instead). The
+    (ml-ane-transformers replaces every ``nn.Linear`` by ``nn.Conv2d(k=1)`` with
+    ``state_dict[k][:, :, None, None]`` and keeps tokens as (B, C, 1, S) "BC1S"; a rank-3 MIL ``linear`` is
+    laid out with the channels in the last, 64-byte aligned axis instead). The
     token tensor goes in with ``transpose(1, 2).unsqueeze(2)`` and comes out with
     ``squeeze(2).transpose(1, 2)``; ``ane_cancel_transposes`` removes those layout changes between
     consecutive ANE ops. A (B, C) input (a classifier head) becomes (B, C, 1, 1), as in Apple's
@@ -197,7 +197,7 @@ class AneChannelLayerNorm(ViewRepairing, _PruningPass):
 
     Why: once the linears are 1x1 convs on (B, C, 1, S) (``ane_linear_to_conv``), a LayerNorm over the
     last dim of (B, S, C) forces a layout change back and forth around every norm; Apple's
-    ``LayerNormANE`` normalises over dim 1 of the BC1S tensor instead (backends.md §3.1 A6, R7).
+    ``LayerNormANE`` normalises over dim 1 of the BC1S tensor instead.
     It is written in primitives (mean over dim 1, centred square mean, rsqrt, scale) that coremltools
     fuses into one MIL ``layer_norm`` with ``axes=[1]``, and applies the affine as
     ``out * weight + bias`` — torch's order, NOT Apple's ``(out + bias) * weight`` whose weight
@@ -672,7 +672,7 @@ def _find_permutation(sizes: list[int], local: torch.Tensor) -> list[int] | None
 
 def _permute_code(counts: list[int], order: list[int], out_shape: tuple[int, ...]) -> list[_Instr]:
     """Permute the non-singleton dims into ``order``; singletons go where ``out_shape`` has 1s, else
-    first (never last: a trailing singleton axis is padded to 64 bytes on the ANE, backends.md A7)."""
+    first (never last: a trailing singleton axis is padded to 64 bytes on the ANE)."""
     ones = [d for d in range(len(counts)) if counts[d] == 1]
     perm: list[int] | None = None
     if len(out_shape) == len(counts) and [s for s in out_shape if s != 1] == [counts[d] for d in order]:
@@ -698,8 +698,8 @@ class AneCancelTransposes(ViewRepairing, _PruningPass):
 
     Why: ``ane_linear_to_conv`` / ``ane_channel_layer_norm`` wrap every op in a (B, S, C) <-> (B, C, 1, S)
     change; the ANE layout pays off only if the tokens stay in (B, C, 1, S) between those ops
-    (backends.md §3.1 A1: convert once after the patch embedding, keep the layout through all blocks;
-    A4 "Principle 3: Minimizing Memory Copies – avoid as many transposes and reshapes as possible").
+    (convert once after the patch embedding, keep the layout through all blocks; ml-ane-transformers'
+    "Principle 3: Minimizing Memory Copies – avoid as many transposes and reshapes as possible").
     Two steps:
     1. a connected region of ops on (B, S, C) tensors that only need their axes renamed (unary
        activations; add/mul/... with a same-layout, scalar or constant operand; ``cat``/``slice``/

@@ -1,4 +1,4 @@
-"""Per-head ("split") attention for the Apple Neural Engine (backends.md §3.1 A3-A5).
+"""Per-head ("split") attention for the Apple Neural Engine.
 
 Apple's ml-ane-transformers computes multi-head attention one head at a time on channels-first
 rank-4 tensors: q, k and v are split into per-head (B, d/h, 1, S) chunks, the scores of each head are
@@ -153,7 +153,7 @@ def _operand_head(ctx: PassContext, operand: Any, h: int, heads: int) -> Any:
 class AneSplitHeads(ViewRepairing, GraphPass):
     """Batched attention ``softmax(q @ kt) @ v`` on (B, H, S, D) → per-head ANE einsums, softmax on dim 1.
 
-    Why: backends.md §3.1 A3-A5, Apple's ml-ane-transformers "Principle 2: Chunking Large
+    Why: Apple's ml-ane-transformers "Principle 2: Chunking Large
     Intermediate Tensors": one single-head attention per head on channels-first chunks, scores
     ``einsum('bchq,bkhc->bkhq')`` (B, Sk, 1, Sq) with the softmax over dim 1, output
     ``einsum('bkhq,bchk->bchq')``, heads concatenated on dim 1 — the ANE keeps each head's maps in

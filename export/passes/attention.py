@@ -108,7 +108,7 @@ class SoftmaxLastAxis(ViewRepairing, GraphPass):
     """``softmax`` / ``log_softmax`` over a non-last axis → transpose, softmax(-1), transpose back.
 
     Why: TFLite's SOFTMAX has no axis (the reference kernel normalises the trailing dim; the GPU
-    parser sets ``axis = CHANNELS // always by channels``, backends.md R3) — litert-torch 0.10
+    parser sets ``axis = CHANNELS // always by channels``) — litert-torch 0.10
     lowers ``softmax(x, dim=1)`` to six ops (REDUCE_MAX, MAXIMUM, SUB, EXP, SUM, DIV) instead of
     one SOFTMAX; the ORT XNNPACK EP takes ``Softmax`` only when ``axis`` is the last dim
     (xnnpack/math/softmax.cc). Not wanted by Core ML: the ANE layout (B, C, 1, S) normalises over
@@ -208,7 +208,7 @@ class FiniteMasks(GraphPass):
     ``scalar_tensor`` / ``where``, a ``(1 - mask) * finfo.min`` product, and constant mask tensors
     (buffers) — only where the value reaches a softmax (or SDPA's ``attn_mask``) through views,
     casts, ``triu``/``tril`` and ``add``.
-    Why (backends.md R5): the fp32-min sentinel overflows to -inf in fp16, and ``-inf + x`` or
+    Why: the fp32-min sentinel overflows to -inf in fp16, and ``-inf + x`` or
     ``finfo(fp16).min + x`` is -inf, so a fully masked row becomes softmax(-inf, …, -inf) = NaN
     (coremltools PR #2669; HF transformers #17306). Core ML/ANE, the TFLite GPU delegate and the
     OpenVINO GPU/NPU plugins run fp16. -1e4 is Apple's own mask value (ane_transformers distilbert).
@@ -329,7 +329,7 @@ class ExpandToBroadcast(GraphPass):
     The small operand is reshaped to the same rank with leading singleton dims when its rank is
     lower; an expand / repeat that does not change the shape (``cls_token.expand(1, -1, -1)`` at
     batch 1) is dropped whatever its users, and one that only inserts size-1 dims becomes a reshape.
-    Why (backends.md R6): ONNX ``Expand`` is in neither the NNAPI nor the Core ML EP op list of the
+    Why: ONNX ``Expand`` is in neither the NNAPI nor the Core ML EP op list of the
     ORT mobile checker (each one splits the graph); a materialised broadcast becomes TFLite
     BROADCAST_TO, which the LiteRT GPU accelerator rejects (LiteRT#9191); ``repeat`` for
     broadcasting failed in litert-torch#715. Same-rank numpy broadcasting is what every backend
@@ -543,7 +543,7 @@ class EinsumToMatmul(ViewRepairing, GraphPass):
     label become one broadcasting ``mul``. Handles batch, contracted, left-only and right-only
     labels, ellipses, implicit outputs (``ij,jk``) and size-1 broadcast labels; leaves repeated
     labels in one operand (diagonals/traces) and three or more operands alone.
-    Why (backends.md R9): coremltools lowers only whitelisted equations natively and its generic path
+    Why: coremltools lowers only whitelisted equations natively and its generic path
     fails on others — coremltools 9.0: ``ij,jk`` → "unsupported einsum equation ij,jk",
     ``...qd,...kd->...qk`` → "perm should have the same length as rank(x): 5 != 4" (#2644),
     a broadcast batch label → "Invalid target shape in `reshape` op"; ONNX ``Einsum`` is in neither
@@ -608,7 +608,7 @@ class SdpaToExplicit(GraphPass):
     ``enable_gqa`` and ranks outside 2..4 are left alone. ``nn.MultiheadAttention`` in eval with
     ``need_weights=False`` is captured as this op too (with ``need_weights=True`` it is already
     bmm + softmax).
-    Why (backends.md R11): the ONNX exporter lowers a boolean-masked SDPA with ``IsNaN`` + ``Where``
+    Why: the ONNX exporter lowers a boolean-masked SDPA with ``IsNaN`` + ``Where``
     (its safe softmax), which the NNAPI and Core ML EPs do not take (two partitions), and litert-torch
     adds SELECT_V2 for ``is_causal``; coremltools' SDPA lowering failed for DETR's nn.Transformer
     (#2155). The explicit matmul-softmax-matmul in (B, H, N, D) with softmax on the last axis is

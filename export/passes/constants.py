@@ -161,7 +161,7 @@ class FoldConstantGathers(GraphPass):
     """Fold every subgraph that reads only parameters/buffers (gathers, reshapes, arithmetic) into one constant.
 
     Why: ``attention_biases[:, attention_bias_idxs]`` (EfficientViT-M, Swin relative-position bias;
-    backends.md R13) and ``table.index_select(0, fixed_index)`` (DropoutViT's positional code) are
+    a known non-ANE op) and ``table.index_select(0, fixed_index)`` (DropoutViT's positional code) are
     gathers of a parameter by a constant index, recomputed on every inference; timm caches the bias in
     ``eval()``. ``gather`` is not an ANE op (§3) and ONNX ``Gather`` is not in the Core ML EP list (§6.4).
     Converters fold the simple spellings themselves (ORT at load, coremltools, the TFLite converter),

@@ -65,7 +65,7 @@ def _is_patchify(kernel: tuple[int, int], dilation: tuple[int, int], padding: tu
 class UnfoldFoldStatic(GraphPass):
     """``F.unfold`` / ``F.fold`` (``aten.im2col`` / ``aten.col2im``) → pixel (un)shuffle or one-hot convs.
 
-    Why: no mobile backend has im2col/col2im (backends.md R12). Measured with the pinned
+    Why: no mobile backend has im2col/col2im. Measured with the pinned
     converters: litert-torch converts ``F.fold`` to ``STABLEHLO_SCATTER``, which the LiteRT
     interpreter then refuses at ``allocate_tensors`` ("Only update, Add, Multiply, Maximum and
     Minimum operations are currently supported for stablehlo.scatter"), and ``F.unfold`` to
@@ -190,7 +190,7 @@ class PixelUnshuffleRank4(GraphPass):
     Why: the ONNX exporter lowers ``pixel_unshuffle`` through a rank-6 Reshape/Transpose (there is no
     channel-major SpaceToDepth), which the ORT mobile checker rejects for the Core ML EP (rank > 5
     Reshape/Transpose, so the op leaves the EP); NNAPI and the TFLite GPU delegate cap tensors at
-    rank 4 (backends.md §4, §6.4).
+    rank 4.
     The chain (B*C*H/r, r, W/r, r) → permute(0,1,3,2) → (B*C, H/r, r*r, W/r) → permute(0,2,1,3) →
     (B, C*r*r, H/r, W/r) moves the same elements. ``pixel_shuffle`` needs no pass: ONNX exports it as
     ``DepthToSpace`` and litert-torch lowers it at rank 4. Exact (pure data movement). Not where an
@@ -533,7 +533,7 @@ class LowerRank(GraphPass):
     repairs reshape→transpose→reshape itself, not rank-6 chains that end in unbind/select/split or
     feed two consumers), litert-torch keeps rank 5/6 tensors that the TFLite GPU delegate ("bad
     input dims size: 5") and NNAPI (rank ≤ 4) refuse, and the ORT Core ML EP rejects rank > 5
-    Reshape/Transpose (backends.md R1, R2, §4, §6.4). Typical sources: timm's fused QKV
+    Reshape/Transpose. Typical sources: timm's fused QKV
     ``reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``, Swin/EfficientViT rank-6 window
     partition/reverse, einops-style patchify at rank 6, MobileViT unfolding.
     How: each result of such a chain (a tensor a compute op or the output reads) is a strided view

@@ -63,7 +63,7 @@ class DecomposeLayerNorm(GraphPass):
 
     Why: ONNX exports it as LayerNormalization (opset 17+), which is not in ORT's NNAPI op list
     (nnapi_supported_ops.md), so each LayerNorm of a ViT is a separate CPU island; TFLite has no
-    LayerNorm builtin either (backends.md table: "decomposed"). ReduceMean, Sub, Mul, Add, Sqrt and
+    LayerNorm builtin either. ReduceMean, Sub, Mul, Add, Sqrt and
     Div are all NNAPI ops. Exact up to fp32 rounding (same two-pass statistics as torch). fp32/fp64
     inputs only: torch computes an fp16 norm's statistics in fp32, the primitives would overflow.
     """

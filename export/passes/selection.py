@@ -1,10 +1,10 @@
-"""Selection: gather/scatter by constant or top-k indices → static one-hot matmuls (issue 4, pass 8).
+"""Selection: gather/scatter by constant or top-k indices → static one-hot matmuls.
 
 Token-selection models (FilterViT's top-K pixels, DropoutViT's fixed random pixel set, DynamicViT-style
 pruning) pick tokens with ``topk`` and move them with ``gather`` / ``index_select`` / ``scatter``. None of
 ONNX ``TopK``, ``GatherElements`` or ``ScatterElements`` is in the op lists of onnxruntime's NNAPI or Core ML
-(MLProgram) execution providers (onnxruntime/tools/mobile_helpers/*_supported_ops.md, backends.md §6.4),
-``gather`` is a known non-ANE layer (backends.md §3, R13), and each unsupported node splits the graph into
+(MLProgram) execution providers (onnxruntime/tools/mobile_helpers/*_supported_ops.md),
+``gather`` is a known non-ANE layer, and each unsupported node splits the graph into
 extra partitions. The passes below express the same selection with ops in *both* EP lists only:
 MatMul, Mul, Add, Sub, Reshape, Transpose, Slice, Concat, Relu and Clip with [min, max] = [-1, 1] (the
 NNAPI EP accepts Clip only as RELU1 [-1, 1] or RELU6 [0, 6]: nnapi clip_op_support_checker.cc).
@@ -149,8 +149,8 @@ class StaticGatherScatter(ViewRepairing, GraphPass):
     """``gather`` / ``index_select`` / ``x[idx]`` / ``scatter`` with CONSTANT indices → slices or one-hot MatMuls.
 
     Why: ONNX ``GatherElements`` / ``ScatterElements`` (what ``gather``/``scatter`` export to) are in
-    neither the NNAPI nor the Core ML (MLProgram) EP op list of onnxruntime (backends.md §6.4), and
-    ``gather`` is not an ANE op (backends.md §3, R13); DropoutViT's fixed eval pixel set
+    neither the NNAPI nor the Core ML (MLProgram) EP op list of onnxruntime, and
+    ``gather`` is not an ANE op; DropoutViT's fixed eval pixel set
     (``eval_index`` buffer) exports as exactly these. With the indices known at export time,
     gather(x, d, v) = S @ x along d with the constant one-hot S (K, N), S[k, v_k] = 1, and
     scatter(x, d, v, src) = x * keep + Sᵀ @ src along d, keep = 1 - Σ_k S[k, :] (unique v only).
@@ -346,7 +346,7 @@ class StaticTopkSelect(GraphPass):
     """``topk`` whose indices feed gather / scatter / index_select → a rank-based one-hot selection (MatMuls).
 
     Why: ONNX ``TopK``, ``GatherElements``, ``ScatterElements`` (and the ``Expand`` of the indices) are in
-    neither the NNAPI nor the Core ML (MLProgram) EP op list (backends.md §6.4); FilterViT picks its K
+    neither the NNAPI nor the Core ML (MLProgram) EP op list; FilterViT picks its K
     pixels with ``topk`` -> ``gather`` -> transformer -> ``scatter``, so each selection block splits the
     graph into several partitions. Here the K winners are found by counting, with EP-supported ops only:
 
