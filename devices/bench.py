@@ -25,8 +25,10 @@ from typing import Any, Callable
 import numpy as np
 
 from edgevit.devices import stats
-from edgevit.devices.harness import Config, Measurement, Protocol, measure
-from edgevit.devices.table import BASELINE, Device, resolve_devices
+from edgevit.devices.harness import Config, Measurement, Protocol, WorkerProcess, measure
+from edgevit.devices.remote import RemoteError, RemoteHost, RemoteSpec
+from edgevit.devices.table import (BASELINE, Device, Facts, check_device_names, local_facts, missing_runtimes,
+                                   resolve_devices)
 from edgevit.devices.worker import package_version
 from edgevit.errors import EdgevitError
 
@@ -56,6 +58,7 @@ class BenchOptions:
     export_timeout_s: float = 1800
     run_timeout_s: float = 300
     input_shape: tuple[int, ...] | None = None  # of the references in ``models`` (zoo models: input_size)
+    remotes: list[RemoteSpec] = field(default_factory=list)  # measure there instead of here (one after another)
 
     def protocol(self) -> Protocol:
         return Protocol(runs=self.runs, rounds=self.rounds, warmup=self.warmup, budget_s=self.budget_s,
@@ -100,6 +103,11 @@ def check_options(opts: BenchOptions) -> list[Device]:
     if opts.input_shape is not None and not any(is_reference(m) for m in opts.models):
         raise EdgevitError("--input-shape applies to Hugging Face folders and module:factory references in "
                            "--models; zoo models take --input-size")
+    if opts.remotes:  # which rows exist there is known once connected; the names are checked now
+        for spec in opts.remotes:
+            check_device_names(spec.devices or opts.device)
+        _check_passes(opts)
+        return []
     devices = [d for d in resolve_devices(opts.device, opts.targets) if opts.precision in d.precisions]
     for d in devices:
         if d.target is not None:
@@ -108,6 +116,15 @@ def check_options(opts: BenchOptions) -> list[Device]:
         raise EdgevitError(f"no runtime on '{opts.device}' measures {opts.precision}"
                            + (f" for targets {','.join(opts.targets)}" if opts.targets else ""))
     return devices
+
+
+def _check_passes(opts: BenchOptions) -> None:
+    from edgevit.devices.table import DEVICES
+    from edgevit.export.passes import resolve_passes
+
+    for d in DEVICES.values():
+        if d.target is not None and (not opts.targets or d.target in opts.targets):
+            resolve_passes(opts.passes, d.target, d.accelerator)
 
 
 def _check_dir_path(flag: str, path: Path, shown: Path | None = None) -> None:
@@ -236,16 +253,35 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
 # --- configurations ------------------------------------------------------------------------------
 
 def _config(label: str, device: Device, precision: str, opts: BenchOptions, artifact: str | None,
-            inputs: Path, model: str, input_size: int, meta: dict[str, Any],
-            input_shape: tuple[int, ...] | None = None) -> Config:
-    options = device.worker_options(precision)
+            inputs: Path | str, model: str, input_size: int, meta: dict[str, Any],
+            input_shape: tuple[int, ...] | None = None, place: "_Place | None" = None) -> Config:
+    place = place or _Place(None, local_facts(), opts.threads)
+    options = device.worker_options(precision, place.facts)
     if device.runtime == "torch":
         options |= {"model": model, "input_size": input_size, "seed": 0}
         if input_shape:  # a reference: the eager worker rebuilds it at this shape
             options["input_shape"] = list(input_shape)
-    worker = {"runtime": device.runtime, "artifact": artifact, "inputs": str(inputs), "threads": opts.threads,
+        if place.host is not None:  # the model code travels as edgevit's source
+            options["pythonpath"] = place.host.push_edgevit()
+    worker = {"runtime": device.runtime, "artifact": artifact, "inputs": str(inputs), "threads": place.threads,
               "options": options, "profile": opts.profile}
     return Config(label, worker, meta)
+
+
+@dataclass
+class _Place:
+    """Where a bench measures: here (``host`` None) or on a remote host, with that machine's facts."""
+
+    host: RemoteHost | None
+    facts: Facts
+    threads: int | None
+
+    @property
+    def name(self) -> str:
+        return self.host.spec.name if self.host else "local"
+
+    def spawn(self, label: str) -> WorkerProcess:
+        return self.host.spawn(label) if self.host else WorkerProcess(label)
 
 
 def _save_inputs(model: str, input_size: int, where: Path, input_shape: tuple[int, ...] | None = None,
@@ -269,16 +305,17 @@ def _save_inputs(model: str, input_size: int, where: Path, input_shape: tuple[in
 
 # --- the run -------------------------------------------------------------------------------------
 
-def roofline(precisions: list[str], opts: BenchOptions, note: Progress) -> list[dict[str, Any]]:
+def roofline(precisions: list[str], opts: BenchOptions, note: Progress, place: _Place | None = None) -> list[dict[str, Any]]:
     """Sustained GEMM throughput per precision, measured like any configuration (its own process)."""
-    configs = [Config(f"gemm {p}", {"runtime": "gemm", "threads": opts.threads,
+    place = place or _Place(None, local_facts(), opts.threads)
+    configs = [Config(f"gemm {p}", {"runtime": "gemm", "threads": place.threads,
                                     "options": {"n": GEMM_N, "precision": p}}, {"precision": p})
                for p in precisions]
     protocol = Protocol(runs=max(8, opts.rounds), rounds=min(opts.rounds, 4), warmup=2,
                         load_timeout_s=opts.run_timeout_s, run_timeout_s=opts.run_timeout_s)
     rows = []
-    for m in measure(configs, protocol, lambda msg: note(msg, 1)):
-        row = {"precision": m.meta["precision"], "status": m.status, "detail": m.detail, "n": m.info.get("n"),
+    for m in measure(configs, protocol, lambda msg: note(msg, 1), place.spawn):
+        row = {"host": place.name, "precision": m.meta["precision"], "status": m.status, "detail": m.detail, "n": m.info.get("n"),
                "engine": m.info.get("engine"), "threads": m.info.get("threads"), "native": m.info.get("native")}
         summary = m.summary()
         if summary:
@@ -289,41 +326,152 @@ def roofline(precisions: list[str], opts: BenchOptions, note: Progress) -> list[
 
 
 def run_bench(opts: BenchOptions, note: Progress = lambda msg, n: None) -> dict[str, Any]:
-    """The whole bench; returns the result document (see ``devices/report.py`` for its writers)."""
+    """The whole bench; returns the result document (see ``devices/report.py`` for its writers).
+
+    Here, or on each of ``opts.remotes`` in turn: rounds interleave between the configurations of one
+    machine, never across machines (their ratios are not comparable side by side)."""
     devices = check_options(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
+    hosts, gemm, rows = [], [], []
+    if not opts.remotes:
+        place = _Place(None, local_facts(), opts.threads)
+        gemm, rows = _bench_place(opts, devices, place, note)
+        hosts.append(_host_entry(place.name, "local", place.facts))
+    for spec in opts.remotes:
+        entry, host_gemm, host_rows = _bench_remote(spec, opts, note)
+        hosts.append(entry)
+        gemm += host_gemm
+        rows += host_rows
+    return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": _machine(), "hosts": hosts, "versions": _versions(_ALL_PACKAGES),
+            "options": _options_record(opts), "protocol": asdict(opts.protocol()), "gemm": gemm, "rows": rows}
+
+
+def _options_record(opts: BenchOptions) -> dict[str, Any]:
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k != "remotes"}
+    record["remotes"] = [{"name": r.name, "address": r.address, "python": r.python, "threads": r.threads,
+                          "devices": r.devices} for r in opts.remotes]
+    return record
+
+
+def _bench_remote(spec: RemoteSpec, opts: BenchOptions, note: Progress) -> tuple[dict[str, Any], list, list]:
+    """Connect, probe, measure every model there, clean up; a host that fails gives one row per model."""
+    host = RemoteHost(spec)
+    try:
+        note(f"connecting to {spec.address}", 0)
+        facts = host.open(opts.run_timeout_s)
+        place = _Place(host, facts, spec.threads or opts.threads)
+        devices, absent = _remote_devices(spec, opts, facts)
+        gemm, rows = _bench_place(opts, devices, place, note)
+        rows += [_absent_row(bench_model(m, opts).name, d, reason, requested, spec.name, opts)
+                 for m in opts.models for d, reason, requested in absent]
+        return _host_entry(spec.name, spec.address, facts), gemm, rows
+    except RemoteError as exc:
+        rows = [{"model": bench_model(m, opts).name, "device": spec.devices or opts.device, "host": spec.name,
+                 "precision": opts.precision, "status": exc.kind, "detail": str(exc)} for m in opts.models]
+        return {"name": spec.name, "address": spec.address, "status": exc.kind, "reason": str(exc)}, [], rows
+    finally:
+        host.close()
+
+
+def _remote_devices(spec: RemoteSpec, opts: BenchOptions, facts: Facts) -> tuple[list[Device], list]:
+    """The devices to measure there, and (device, reason, requested) for those that cannot be: named ones
+    that are unavailable, and (for 'cpu') each CPU runtime whose package is missing there."""
+    wanted = spec.devices or opts.device
+    chosen = [d for d in resolve_devices(wanted, opts.targets, facts, strict=False) if opts.precision in d.precisions]
+    absent = [(d, d.unavailable_reason(facts), True) for d in chosen if d.unavailable_reason(facts)]
+    if "cpu" in check_device_names(wanted):
+        absent += [(d, d.unavailable_reason(facts), False) for d in missing_runtimes(facts)
+                   if d not in chosen and (not opts.targets or d.target is None or d.target in opts.targets)]
+    return [d for d in chosen if not d.unavailable_reason(facts)], absent
+
+
+def _absent_row(model: str, device: Device, reason: str | None, requested: bool, host: str,
+                opts: BenchOptions) -> dict[str, Any]:
+    """A device that cannot measure there; ``requested`` rows (named in --device) fail the bench."""
+    return {"model": model, "device": device.name, "host": host, "precision": opts.precision,
+            "status": "unavailable", "detail": reason or "", "requested": requested}
+
+
+def _bench_place(opts: BenchOptions, devices: list[Device], place: _Place, note: Progress) -> tuple[list, list]:
+    """Roofline and every model on one machine (here or a remote host)."""
     gemm_precisions = ["fp32"] + ([opts.precision] if opts.precision != "fp32" else [])
-    gemm = roofline(gemm_precisions, opts, note) if opts.roofline else []
+    gemm = roofline(gemm_precisions, opts, note, place) if opts.roofline else []
     bound = {g["precision"]: g["gflops"] for g in gemm if g.get("gflops")}
     rows: list[dict[str, Any]] = []
     for model in opts.models:
-        bm = bench_model(model, opts)
-        size, shape = bm.input_size, bm.input_shape
-        inputs, batch = _save_inputs(bm.arg, size, opts.out / "inputs", shape, bm.name)
-        configs, skipped = [], []
-        for device in devices:
-            meta = {"model": bm.name, "input_size": size, "device": device.name, "precision": opts.precision,
-                    "params": bm.params, "macs": bm.macs, "batch": batch}
-            artifact = None
-            if device.target is not None:
-                note(f"export {bm.name} -> {device.name}", 0)
-                exported = export_cached(bm.arg, size, device, device.export_precision(opts.precision), opts,
-                                         shape, bm.name)
-                if exported.get("status") == "error":
-                    skipped.append(meta | {"status": "export-failed", "detail": exported.get("error", "")})
-                    note(f"export {bm.name} -> {device.name} failed", opts.rounds + 1)
-                    continue
-                artifact = exported["artifact_path"]
-                meta |= {"artifact": artifact, "export_cached": exported["cached"],
-                         "parity": exported.get("status"), "passes": exported.get("passes", {}).get("pipeline")}
-            configs.append(_config(f"{bm.name} {device.name}", device, opts.precision, opts, artifact,
-                                   inputs, bm.arg, size, meta, shape))
-        measured = measure(configs, opts.protocol(), lambda msg: note(msg, 1))
+        configs, skipped = _model_configs(model, opts, devices, place, note)
+        measured = measure(configs, opts.protocol(), lambda msg: note(msg, 1), place.spawn) if configs else []
         rows += _rows(measured, bound) + skipped
-    return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": _machine(), "versions": _versions(_ALL_PACKAGES),
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-            "protocol": asdict(opts.protocol()), "gemm": gemm, "rows": rows}
+    return gemm, rows
+
+
+def _model_configs(model: str, opts: BenchOptions, devices: list[Device], place: _Place,
+                   note: Progress) -> tuple[list[Config], list[dict[str, Any]]]:
+    """One configuration per device (exports cached here; on a remote host, the files pushed there)."""
+    bm = bench_model(model, opts)
+    size, shape = bm.input_size, bm.input_shape
+    inputs, batch = _save_inputs(bm.arg, size, opts.out / "inputs", shape, bm.name)
+    files: dict[str, Path] = {}
+    inputs_at: Path | str = inputs
+    if place.host is not None:
+        inputs_at = f"inputs/{inputs.name}"
+        files[inputs_at] = inputs
+    configs, skipped = [], []
+    for index, device in enumerate(devices):
+        meta = {"model": bm.name, "input_size": size, "device": device.name, "precision": opts.precision,
+                "params": bm.params, "macs": bm.macs, "batch": batch, "host": place.name}
+        if place.host is not None and device.runtime == "torch" and shape is not None:
+            skipped.append(meta | {"status": "unavailable", "requested": False, "detail": (
+                "PyTorch eager of a Hugging Face folder or module:factory needs its code on the device; "
+                "ratios are against the fastest runtime there")})
+            continue
+        artifact = None
+        if device.target is not None:
+            note(f"export {bm.name} -> {device.name}", 0)
+            exported = export_cached(bm.arg, size, device, device.export_precision(opts.precision), opts,
+                                     shape, bm.name)
+            if exported.get("status") == "error":
+                skipped.append(meta | {"status": "export-failed", "detail": exported.get("error", "")})
+                note(f"export {bm.name} -> {device.name} failed", opts.rounds + 1)
+                continue
+            artifact = exported["artifact_path"]
+            meta |= {"artifact": artifact, "export_cached": exported["cached"],
+                     "parity": exported.get("status"), "passes": exported.get("passes", {}).get("pipeline")}
+            if place.host is not None:
+                local = Path(artifact)
+                artifact = f"a{index}/{local.name}"
+                files |= {f"a{index}/{p.name}": p for p in (local, *_companions(local))}
+        try:
+            configs.append(_config(f"{bm.name} {device.name}", device, opts.precision, opts, artifact,
+                                   inputs_at, bm.arg, size, meta, shape, place))
+        except RemoteError as exc:  # edgevit's source could not be pushed for eager
+            skipped.append(meta | {"status": exc.kind, "detail": str(exc)})
+    if place.host is not None and configs:
+        try:
+            note(f"copying {bm.name} to {place.host.spec.address}", 0)
+            place.host.push(files)
+        except RemoteError as exc:
+            skipped += [c.meta | {"status": exc.kind, "detail": str(exc)} for c in configs]
+            configs = []
+    return configs, skipped
+
+
+def _companions(artifact: Path) -> list[Path]:
+    """Files an artifact needs beside it (OpenVINO's .bin next to the .xml)."""
+    weights = artifact.with_suffix(".bin")
+    return [weights] if artifact.suffix == ".xml" and weights.exists() else []
+
+
+def _host_entry(name: str, address: str, facts: Facts) -> dict[str, Any]:
+    """A measuring machine as the reports print it: CPU, cores, the flags that decide kernels, runtimes."""
+    runtimes = {p: s["version"] for p, s in facts["packages"].items() if "version" in s}
+    return {"name": name, "address": address, "status": "ok", "reason": "",
+            "machine": {"system": facts["platform"]["system"], "machine": facts["platform"]["machine"],
+                        "python": facts["platform"]["python"], "cpu": facts["cpu"]["model"],
+                        "cores": facts["cpu"]["cores"], "cpu_flags": facts["cpu"]["flags"],
+                        "accelerator_nodes": facts.get("accelerator_nodes", {})},
+            "runtimes": runtimes}
 
 
 _ALL_PACKAGES = ["edgevit", "torch", "numpy", "onnx", "onnxruntime", "onnxscript", "coremltools", "litert-torch",
@@ -331,8 +479,16 @@ _ALL_PACKAGES = ["edgevit", "torch", "numpy", "onnx", "onnxruntime", "onnxscript
 
 
 def _rows(measured: list[Measurement], gemm_gflops: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per configuration: the measurement, speed-up vs eager (interleaved), roofline placement."""
+    """One row per configuration: the measurement, speed-up vs the baseline (interleaved), roofline placement.
+
+    The baseline is PyTorch eager; where eager was not measured (a remote device without torch), it is
+    the fastest runtime of the run, and the rows say so (``baseline``, ``speedup_vs_baseline``)."""
     baseline = next((m for m in measured if m.meta["device"] == BASELINE and m.ok), None)
+    key = "speedup_vs_eager"
+    if baseline is None:
+        timed = [m for m in measured if m.ok and m.summary() is not None]
+        baseline = min(timed, key=lambda m: m.summary().median_ms, default=None)  # type: ignore[union-attr]
+        key = "speedup_vs_baseline"
     rows = []
     for m in measured:
         row = m.to_dict()
@@ -341,8 +497,10 @@ def _rows(measured: list[Measurement], gemm_gflops: dict[str, float]) -> list[di
             macs = m.meta.get("macs") or 0
             row["gmacs_per_s"] = macs * m.meta.get("batch", 1) / summary.median_ms / 1e6
             row["roofline"] = _roofline(m, summary.median_ms, macs * m.meta.get("batch", 1), gemm_gflops)
-            if baseline is not None and m is not baseline:
-                row["speedup_vs_eager"] = stats.interleaved_ratio(baseline.rounds, m.rounds).to_dict()
+            if baseline is not None:
+                row["baseline"] = baseline.meta["device"]
+                if m is not baseline:
+                    row[key] = stats.interleaved_ratio(baseline.rounds, m.rounds).to_dict()
         rows.append(row)
     return rows
 
@@ -370,7 +528,8 @@ def _machine() -> dict[str, Any]:
         pass
     load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu or platform.processor(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "load_avg_at_start": load}
+            "cores": os.cpu_count(), "cpu_flags": local_facts()["cpu"]["flags"], "python": platform.python_version(),
+            "load_avg_at_start": load}
 
 
 def fastest(rows: list[dict[str, Any]], model: str) -> dict[str, Any] | None:

@@ -40,13 +40,24 @@ class WorkerFailure(Exception):
         self.kind, self.detail = kind, detail
 
 
-class WorkerProcess:
-    """``python worker.py serve`` in a child process, spoken to in JSON lines with timeouts."""
+def local_worker(label: str) -> list[str]:
+    return [sys.executable, str(WORKER), "serve"]
 
-    def __init__(self, label: str) -> None:
+
+class WorkerProcess:
+    """``python worker.py serve`` in a child process, spoken to in JSON lines with timeouts.
+
+    ``argv`` starts it: here by default; a remote device's launcher gives an ssh or adb command line
+    whose stdin/stdout are the remote worker's (devices/remote.py), so the protocol is the same.
+    ``explain`` turns a dead worker's exit code and last stderr lines into its one-line reason.
+    """
+
+    def __init__(self, label: str, argv: list[str] | None = None,
+                 explain: Callable[[int | None, list[str]], str] | None = None) -> None:
         self.label = label
+        self.explain = explain or _explain_exit
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), "serve"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(argv or local_worker(label), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1)
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -81,9 +92,8 @@ class WorkerProcess:
             self.kill()
             code = None
         self._stderr.seek(0)
-        tail = [ln for ln in self._stderr.read().splitlines() if ln.strip()][-1:]
-        signal = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return WorkerFailure("crashed", f"worker {signal}" + (f"; last stderr line: {tail[0][:200]}" if tail else ""))
+        tail = [ln.strip() for ln in self._stderr.read().splitlines() if ln.strip()][-5:]
+        return WorkerFailure("crashed", self.explain(code, tail))
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -100,6 +110,11 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
         self._stderr.close()
+
+
+def _explain_exit(code: int | None, lines: list[str]) -> str:
+    signal = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    return f"worker {signal}" + (f"; last stderr line: {lines[-1][:200]}" if lines else "")
 
 
 @dataclass
@@ -165,15 +180,17 @@ class Protocol:
 
 
 def measure(configs: list[Config], protocol: Protocol = Protocol(),
-            progress: Callable[[str], None] | None = None) -> list[Measurement]:
-    """Measure ``configs`` interleaved (see the module docstring); one Measurement per config, in order."""
+            progress: Callable[[str], None] | None = None,
+            spawn: Callable[[str], WorkerProcess] = WorkerProcess) -> list[Measurement]:
+    """Measure ``configs`` interleaved (see the module docstring); one Measurement per config, in order.
+    ``spawn(label)`` starts a worker (default: a local process; a remote device passes its own)."""
     note = progress or (lambda _msg: None)
     results = [Measurement(c.label, dict(c.meta)) for c in configs]
     workers: dict[int, WorkerProcess] = {}
     try:
         for i, config in enumerate(configs):
             note(f"loading {config.label}")
-            workers[i] = WorkerProcess(config.label)
+            workers[i] = spawn(config.label)
             _step(results[i], workers, i, lambda w: _load(w, config, results[i], protocol))
         for i in list(workers):
             _step(results[i], workers, i, lambda w: w.request(

@@ -7,7 +7,11 @@ and the inputs, to another machine and runs it there (docs in ``devices/remote.p
 * ``python worker.py serve`` — JSON lines on stdin/stdout; the local harness keeps one worker per
   configuration alive and interleaves timed blocks between them (A B A B ...).
 * ``python worker.py run CONFIG.json OUT.json`` — one configuration end to end (load, first
-  inference, warm-up, timed runs, optional profile) into one JSON file: what a remote device runs.
+  inference, warm-up, timed runs, optional profile) into one JSON file.
+* ``python worker.py probe`` — what this machine can run (CPU, flags, runtimes, providers, devices) as
+  one JSON line: the devices table of a remote machine is decided from it.
+
+``serve`` is also what a remote device runs, over ssh or adb (``devices/remote.py``).
 
 A config is a JSON object: ``runtime`` (onnxruntime, litert, openvino, coreml, torch, gemm, fake),
 ``artifact`` (path), ``inputs`` (an .npz whose arrays are the positional inputs, in ``arr_0..`` order),
@@ -26,7 +30,10 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # `probe` still answers (and says numpy is missing); every other mode needs it
+    np = None  # type: ignore[assignment]
 
 PROTOCOL = 1  # bump when the JSON messages change; the harness checks it
 
@@ -188,11 +195,22 @@ def _onnx_precision(path: str) -> str:
         return "unknown"
 
 
+def _litert_module() -> tuple[Any, str]:
+    """LiteRT's interpreter module and its package: ai-edge-litert, else the older tflite-runtime wheel."""
+    try:
+        from ai_edge_litert import interpreter
+
+        return interpreter, "ai-edge-litert"
+    except ImportError:
+        from tflite_runtime import interpreter  # type: ignore[no-redef]
+
+        return interpreter, "tflite-runtime"
+
+
 class LiteRTSession(Session):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        from ai_edge_litert import interpreter as litert
-
+        litert, package = _litert_module()
         delegate = self.options.get("delegate", "xnnpack")
         kwargs: dict[str, Any] = {"model_path": config["artifact"], "num_threads": self.threads}
         if delegate == "none":
@@ -205,7 +223,7 @@ class LiteRTSession(Session):
         self.outputs = self.interpreter.get_output_details()
         dtypes = {str(d["dtype"].__name__) for d in self.interpreter.get_tensor_details()
                   if d["dtype"] in (np.float16, np.float32)}
-        self.info |= {"runtime": "litert", "version": package_version("ai-edge-litert"), "delegate": delegate,
+        self.info |= {"runtime": "litert", "package": package, "version": package_version(package), "delegate": delegate,
                       "precision": "fp16 weights" if "float16" in dtypes else "fp32"}
 
     def compute_precision(self, inputs: list[np.ndarray]) -> str:
@@ -287,7 +305,11 @@ class TorchEagerSession(Session):
         import torch
 
         torch.set_num_threads(self.threads)
-        from edgevit.api import _prepare_subject  # local only: a remote device has no PyTorch eager
+        source = self.options.get("pythonpath")
+        if source:  # a remote device: edgevit's model code came as a zip beside this file, and takes precedence
+            sys.path.insert(0, os.path.abspath(source))
+            self.info["edgevit_source"] = source
+        from edgevit.api import _prepare_subject
 
         opts = self.options
         seed = int(opts.get("seed", 0))
@@ -421,7 +443,7 @@ def native_units(precision: str, cpuinfo: str | None = None) -> bool | None:
 
 
 class FakeSession(Session):
-    """For the harness's own tests: sleeps, and crashes or hangs where told (load / first / run:K)."""
+    """For the harness's own tests: sleeps, and crashes, hangs or is SIGKILLed where told (load / first / run:K)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
@@ -434,6 +456,10 @@ class FakeSession(Session):
             os._exit(3)  # like a segfaulting converter: no exception, no cleanup
         if self.options.get("hang") == when:
             time.sleep(3600)
+        if self.options.get("sigkill") == when:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def compute_precision(self, inputs: list[np.ndarray]) -> str:
         return self.options.get("compute_precision", self.info["precision"])
@@ -510,15 +536,15 @@ def serve(stdin: Any = None, stdout: Any = None) -> None:
     """JSON-lines loop: {"cmd": "load", "config": {...}} | {"cmd": "run", ...} | {"cmd": "finish"}.
 
     The protocol owns the process's real stdout; fd 1 is pointed at stderr first, so whatever a
-    runtime prints (delegate banners, warnings) cannot corrupt a reply.
+    runtime prints (delegate banners, warnings) cannot corrupt a reply. The end of stdin ends the
+    process at once, even mid-inference: over ssh or adb that is how a harness that was killed, timed
+    out or lost the connection takes its worker with it (nothing keeps running on the device).
     """
-    stdin = stdin or sys.stdin
+    lines = _stdin_lines(stdin or sys.stdin)
     if stdout is None:
-        stdout = os.fdopen(os.dup(1), "w")
-        os.dup2(2, 1)
-        sys.stdout = sys.stderr
+        stdout = _own_stdout()
     worker = Worker()
-    for line in stdin:
+    for line in lines:
         msg = json.loads(line)
         try:
             if msg["cmd"] == "load":
@@ -536,6 +562,162 @@ def serve(stdin: Any = None, stdout: Any = None) -> None:
         stdout.flush()
         if msg.get("cmd") == "finish":
             return
+
+
+def _own_stdout() -> Any:
+    """The real stdout for the protocol's messages; fd 1 (and print) go to stderr from now on."""
+    stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return stdout
+
+
+def _stdin_lines(stdin: Any) -> Any:
+    """Lines of ``stdin`` read by a thread; at end of input the process exits (see :func:`serve`)."""
+    import queue
+    import threading
+
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stdin:
+            lines.put(line)
+        lines.put(None)
+        if stdin is sys.stdin:
+            os._exit(0)  # the harness is gone: stop whatever is running (a queued "finish" was already read)
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        line = lines.get()
+        if line is None:
+            return
+        yield line
+
+
+# --- what this machine can run (edgevit devices, local or remote) --------------------------------
+
+#: CPU feature flags that decide which kernels a runtime can use (x86 /proc/cpuinfo "flags", Arm "Features").
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+             "amx_int8", "amx_bf16", "asimd", "asimdhp", "asimddp", "fphp", "bf16", "i8mm", "sve", "sve2", "sme")
+
+
+def probe() -> dict[str, Any]:
+    """Facts about this machine for the devices table: CPU, runtimes and what each can reach.
+
+    Every reading is guarded: a runtime that fails to import is recorded with its error, never raised.
+    """
+    facts: dict[str, Any] = {"protocol": PROTOCOL, "platform": {
+        "system": platform.system(), "machine": platform.machine(), "python": platform.python_version(),
+        "executable": sys.executable, "android": _is_android()}}
+    facts["cpu"] = _cpu_facts()
+    facts["accelerator_nodes"] = _accelerator_nodes()
+    darwin = platform.system() == "Darwin"
+    # runtimes are imported (a broken install shows); torch, and coremltools off macOS, are only looked up:
+    # importing them costs seconds and tells the devices table nothing more
+    facts["packages"] = {name: _package_state(module, name, load) for module, name, load in (
+        ("numpy", "numpy", True), ("torch", "torch", False), ("onnxruntime", "onnxruntime", True),
+        ("openvino", "openvino", True), ("coremltools", "coremltools", darwin),
+        ("ai_edge_litert", "ai-edge-litert", True), ("tflite_runtime", "tflite-runtime", True))}
+    facts["onnxruntime"] = _guarded(lambda: {"providers": __import__("onnxruntime").get_available_providers()})
+    facts["openvino"] = _guarded(_openvino_facts)
+    gpu = os.environ.get("EDGEVIT_TFLITE_GPU_DELEGATE", "")
+    facts["litert"] = {"gpu_delegate": gpu, "gpu_delegate_exists": bool(gpu) and os.path.exists(gpu)}
+    return facts
+
+
+def _package_state(module: str, package: str, load: bool = True) -> dict[str, Any]:
+    """{"version": ...} when ``module`` imports (or, without ``load``, is found), else {"missing": True}
+    or {"error": one line}."""
+    import importlib
+    import importlib.util
+
+    try:
+        if not load:
+            return {"version": package_version(package)} if importlib.util.find_spec(module) else {"missing": True}
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module or (exc.name or "").split(".")[0] == module:
+            return {"missing": True}
+        return {"error": f"ModuleNotFoundError: {exc}".splitlines()[0][:300]}
+    except Exception as exc:  # a broken install (missing shared library, ABI mismatch) is reported, not raised
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+    return {"version": package_version(package)}
+
+
+def _guarded(read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return read()
+    except Exception as exc:  # the runtime is missing or broken: _package_state says which
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
+def _openvino_facts() -> dict[str, Any]:
+    import openvino as ov
+
+    core = ov.Core()
+    names = {}
+    for device in core.available_devices:
+        try:
+            names[device] = str(core.get_property(device, "FULL_DEVICE_NAME"))
+        except Exception:  # some plugins refuse properties without their driver; the name is informative only
+            names[device] = ""
+    return {"devices": list(core.available_devices), "names": names}
+
+
+def _cpu_facts() -> dict[str, Any]:
+    text = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+    except OSError:
+        pass
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or fields.get("Hardware") or fields.get("Model") or _sysctl_cpu() \
+        or platform.processor()
+    present = set((fields.get("flags") or fields.get("Features") or "").split())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    return {"model": model, "cores": os.cpu_count(), "usable_cores": usable,
+            "flags": [f for f in CPU_FLAGS if f in present], "flags_known": bool(present)}
+
+
+def _sysctl_cpu() -> str:
+    if platform.system() != "Darwin":
+        return ""
+    import subprocess
+
+    try:
+        return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _accelerator_nodes() -> dict[str, list[str]]:
+    """Device nodes that mean an NPU or a GPU is exposed to user space (names only; no driver is opened)."""
+    import glob
+
+    found = {"npu": sorted(glob.glob("/dev/accel/accel*")),
+             "gpu": sorted(glob.glob("/dev/dri/renderD*") + glob.glob("/dev/kgsl-3d0") + glob.glob("/dev/mali*")
+                           + glob.glob("/dev/nvhost-gpu") + glob.glob("/dev/nvgpu/igpu0/ctrl"))}
+    return {kind: nodes for kind, nodes in found.items() if nodes}
+
+
+def _is_android() -> bool:
+    return "ANDROID_ROOT" in os.environ or os.path.exists("/system/build.prop")
+
+
+def run_probe() -> int:
+    """``worker.py probe``: the facts as one JSON line on the real stdout (runtimes' chatter goes to stderr)."""
+    out = _own_stdout()
+    out.write(json.dumps(probe()) + "\n")
+    out.flush()
+    return 0
 
 
 def run_once(config_path: str, out_path: str) -> int:
@@ -560,12 +742,17 @@ def run_once(config_path: str, out_path: str) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["probe"]:
+        return run_probe()
+    if np is None:
+        sys.stderr.write("edgevit worker: numpy is not installed for this python\n")
+        return 3
     if argv[:1] == ["serve"]:
         serve()
         return 0
     if len(argv) == 3 and argv[0] == "run":
         return run_once(argv[1], argv[2])
-    sys.stderr.write("usage: worker.py serve | worker.py run CONFIG.json OUT.json\n")
+    sys.stderr.write("usage: worker.py probe | worker.py serve | worker.py run CONFIG.json OUT.json\n")
     return 2
 
 

@@ -585,24 +585,66 @@ def _print_fp16_range(accelerator: str, report: dict[str, Any]) -> None:
                           f"(fp32 peak {issue['fp32_peak']:.3g})", highlight=False)
 
 
-@app.command("devices")
-def devices_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """The devices table: every runtime edgevit can measure on, and whether it is available here (and why not)."""
-    from edgevit.devices.table import DEVICES
+REMOTE_HELP = ("Measure on another machine: ssh:[user@]host, ssh://[user@]host[:port], adb:SERIAL or a name "
+               "from the devices file; comma-separated for several.")
 
-    rows = [{"device": d.name, "description": d.description, "target": d.target, "accelerator": d.accelerator,
-             "precisions": list(d.precisions), "in_cpu_set": d.on_cpu, "available": d.available,
-             "reason": d.unavailable_reason()} for d in DEVICES.values()]
+
+@app.command("devices")
+def devices_cmd(
+    remote: Optional[str] = typer.Option(None, "--remote", "-r", help=REMOTE_HELP),
+    every: bool = typer.Option(False, "--all", help="This machine and every device named in the devices file."),
+    remote_python: Optional[str] = typer.Option(None, "--remote-python", help="Python on the remote [default: python3, or the devices file's]."),
+    devices_file: Optional[Path] = typer.Option(None, "--devices-file", help="Devices file [default: edgevit-devices.toml or pyproject.toml here]."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """The devices table: every runtime edgevit can measure on, and whether it is available (and why not),
+    here or on remote machines (probed over ssh or adb)."""
+    from edgevit.devices.inventory import resolve_remotes
+    from edgevit.devices.remote import RemoteError, RemoteHost
+    from edgevit.devices.table import device_rows, local_facts
+
+    try:
+        specs = resolve_remotes(remote, devices_file, remote_python, every_named=every)
+    except EdgevitError as exc:
+        _fail(str(exc), exc.exit_code)
+    machines: list[dict[str, Any]] = []
+    if remote is None or every:
+        machines.append({"name": "local", "address": "local", "status": "ok", "reason": "", "facts": local_facts()})
+    for spec in specs:
+        with RemoteHost(spec) as host:
+            try:
+                machines.append({"name": spec.name, "address": spec.address, "status": "ok", "reason": "",
+                                 "facts": host.open()})
+            except RemoteError as exc:
+                machines.append({"name": spec.name, "address": spec.address, "status": exc.kind, "reason": str(exc),
+                                 "facts": None})
+    rows = [r for m in machines if m["facts"] for r in device_rows(m["facts"], m["name"])]
     if as_json:
-        out_console.print_json(json.dumps(rows))
-        return
-    table = Table(title="devices ('edgevit bench --device cpu' measures the available ones marked cpu)")
-    for col in ("device", "runtime", "precisions", "cpu", "available here"):
-        table.add_column(col)
-    for r in rows:
-        here = "[green]yes[/]" if r["available"] else f"[yellow]no[/]: {escape(r['reason'])}"
-        table.add_row(r["device"], r["description"], ", ".join(r["precisions"]), "cpu" if r["in_cpu_set"] else "", here)
-    out_console.print(table)
+        out_console.file.write(to_json({"machines": machines, "devices": rows}) + "\n")
+    else:
+        _print_devices(machines, rows)
+    failed = [m for m in machines if m["status"] != "ok"]
+    for m in failed:
+        err_console.print(f"error: {m['reason']}", highlight=False, markup=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+def _print_devices(machines: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    from edgevit.devices.table import machine_summary
+
+    for m in machines:
+        if not m["facts"]:
+            continue
+        where = ("this machine" if m["address"] == "local"
+                 else m["name"] if m["name"] == m["address"] else f"{m['name']} ({m['address']})")
+        table = Table(title=f"devices on {where} ('edgevit bench --device cpu' measures the available ones marked cpu)",
+                      caption=escape(machine_summary(m["facts"])), caption_justify="left")
+        for col in ("device", "runtime", "precisions", "cpu", "available"):
+            table.add_column(col)
+        for r in (r for r in rows if r["host"] == m["name"]):
+            here = "[green]yes[/]" if r["available"] else f"[yellow]no[/]: {escape(r['reason'])}"
+            table.add_row(r["device"], r["description"], ", ".join(r["precisions"]), "cpu" if r["in_cpu_set"] else "", here)
+        out_console.print(table)
 
 
 @app.command("bench")
@@ -625,14 +667,18 @@ def bench_cmd(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Export cache directory [default: OUT/cache]."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON result here ('-': stdout only)."),
     timeout: float = typer.Option(300, "--timeout", help="Seconds a runtime may take to load or to run one block."),
+    remote: Optional[str] = typer.Option(None, "--remote", "-r", help=REMOTE_HELP),
+    remote_python: Optional[str] = typer.Option(None, "--remote-python", help="Python on the remote [default: python3, or the devices file's]."),
+    devices_file: Optional[Path] = typer.Option(None, "--devices-file", help="Devices file [default: edgevit-devices.toml or pyproject.toml here]."),
 ) -> None:
     """Measure inference latency of models (zoo or references) on every runtime of a device, against PyTorch eager.
 
-    Exports are cached by content hash, so re-runs only measure. Writes OUT/bench.json, bench.csv,
+    Exports are cached by content hash, so re-runs only measure. With --remote, exports are made here and
+    measured there (ssh or adb), with the same protocol. Writes OUT/bench.json, bench.csv,
     latency_vs_macs.png and report.md, and prints the table.
     """
     from edgevit.devices.bench import DEFAULT_MODELS, BenchOptions, check_file_path, check_options, run_bench
-    from edgevit.devices.report import TABLE_HEADER, gemm_lines, table_rows, write_all
+    from edgevit.devices.report import gemm_lines, machine_lines, table_header, table_rows, write_all
     from edgevit.references import split_model_list
 
     model_list = list(DEFAULT_MODELS) if models is None else split_model_list(models)
@@ -644,6 +690,12 @@ def bench_cmd(
                         roofline=not no_roofline, budget_s=budget, run_timeout_s=timeout)
     to_stdout = json_path is not None and str(json_path) == "-"
     try:
+        from edgevit.devices.inventory import resolve_remotes
+
+        if remote is not None:
+            opts.remotes = resolve_remotes(remote, devices_file, remote_python)
+        elif remote_python is not None:
+            raise EdgevitError("--remote-python needs --remote")
         opts.input_shape = _parse_shape(input_shape)
         if json_path is not None and not to_stdout:
             check_file_path("--json", json_path)
@@ -657,11 +709,12 @@ def bench_cmd(
     if to_stdout:
         out_console.file.write(to_json(result, default=str) + "\n")
     else:
-        for line in gemm_lines(result):
+        for line in machine_lines(result) + gemm_lines(result):
             out_console.print(line, highlight=False)
-        table = Table(title=f"edgevit bench on {device} ({opts.precision}, batch 1)")
-        for col in TABLE_HEADER:
-            table.add_column(col, justify="right" if col not in ("model", "runtime", "status") else "left")
+        where = ", ".join(r.name for r in opts.remotes) if opts.remotes else "this machine"
+        table = Table(title=f"edgevit bench on {where}: {device} ({opts.precision}, batch 1)")
+        for col in table_header(result):
+            table.add_column(col, justify="right" if col not in ("host", "model", "runtime", "status") else "left")
         for row in table_rows(result):
             table.add_row(*(escape(c) for c in row))
         out_console.print(table)
@@ -669,7 +722,8 @@ def bench_cmd(
         out_console.print(f"written: {written}", highlight=False)
         if paths["png"] is None:
             err_console.print("no plot: matplotlib is not installed (pip install -c constraints.txt -e \".[bench]\")")
-    failed = [r for r in result["rows"] if r.get("status") != "ok"]
+    # a runtime missing on a remote is listed for information; only what was asked for and failed counts
+    failed = [r for r in result["rows"] if r.get("status") != "ok" and r.get("requested", True)]
     raise typer.Exit(1 if failed else 0)
 
 
@@ -682,7 +736,9 @@ def _bench_with_progress(opts: Any, devices: list, quiet: bool, run: Any) -> dic
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     gemm_steps = (1 + min(opts.rounds, 4)) * (1 + (opts.precision != "fp32")) if opts.roofline else 0
-    total = gemm_steps + len(opts.models) * len(devices) * (opts.rounds + 1)
+    per_host = len(devices) or 4  # a remote's devices are known once it is probed: guess the CPU set
+    hosts = max(1, len(opts.remotes))
+    total = hosts * (gemm_steps + len(opts.models) * per_host * (opts.rounds + 1))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=err_console, disable=quiet, transient=True) as progress:
         task = progress.add_task("bench", total=total)

@@ -80,3 +80,252 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=deselected)
             items[:] = [item for item in items if not item.get_closest_marker("full_zoo")]
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+# --- remote devices: a real sshd on 127.0.0.1 and a fake adb ----------------------------------------
+
+import dataclasses
+import fcntl
+import getpass
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopbackSshd:
+    """A throw-away OpenSSH server on 127.0.0.1 and an ssh_config that reaches it."""
+
+    port: int
+    config: str  # ssh -F CONFIG
+    alias: str  # reaches the server with the authorized key
+    wrong_alias: str  # the same server, a key that is not authorized
+    root: Path  # the temporary directory holding keys, configs and the server's log
+
+
+def _find_sshd() -> str | None:
+    found = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+    return os.path.abspath(found) if found else None  # sshd re-executes itself: it needs an absolute path
+
+
+def _install_sshd() -> str | None:
+    """Installs openssh-server with apt (root only), one xdist worker at a time; None with a reason if not."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return "OpenSSH server (sshd) is not installed and cannot be installed here (needs root and apt-get)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "openssh-server"]
+    with open("/tmp/edgevit-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if _find_sshd():  # the other worker installed it meanwhile
+                return None
+            try:
+                if subprocess.run(install, env=env, capture_output=True, timeout=600, check=False).returncode != 0:
+                    subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600, check=False)
+                    proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600,
+                                          check=False)
+                    if proc.returncode != 0:
+                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                        return f"apt-get install openssh-server failed: {tail}"
+            except subprocess.TimeoutExpired:
+                return "apt-get install openssh-server took longer than 600 s"
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return None if _find_sshd() else "openssh-server was installed but no sshd binary was found"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+                   check=True, capture_output=True, timeout=60)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+@pytest.fixture(scope="session")
+def loopback_sshd(tmp_path_factory: pytest.TempPathFactory):
+    """A real sshd on 127.0.0.1 (a free port), key-only; ``ssh -F config alias`` reaches it as this user."""
+    sshd = _find_sshd()
+    if sshd is None:
+        reason = _install_sshd()
+        sshd = _find_sshd()
+        if sshd is None:
+            pytest.skip(reason or "no sshd")
+    for tool in ("ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"'{tool}' is not installed (openssh-client)")
+    root = tmp_path_factory.mktemp("sshd")
+    host_pub = _keygen(root / "host_ed25519")
+    user_pub = _keygen(root / "user_ed25519")
+    _keygen(root / "wrong_ed25519")
+    (root / "authorized_keys").write_text(user_pub + "\n")
+    port = _free_port()
+    (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n")
+    (root / "sshd_config").write_text("\n".join([
+        f"ListenAddress 127.0.0.1:{port}",
+        f"HostKey {root / 'host_ed25519'}",
+        f"AuthorizedKeysFile {root / 'authorized_keys'}",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PubkeyAuthentication yes",
+        "PermitRootLogin prohibit-password",
+        "StrictModes no",
+        "UsePAM no",
+        f"PidFile {root / 'sshd.pid'}",
+        "LogLevel ERROR",
+        "",
+    ]))
+    user = getpass.getuser()
+    common = ["    HostName 127.0.0.1", f"    Port {port}", f"    User {user}", "    IdentitiesOnly yes",
+              "    IdentityAgent none", f"    UserKnownHostsFile {root / 'known_hosts'}",
+              "    GlobalKnownHostsFile /dev/null", "    StrictHostKeyChecking yes", "    BatchMode yes",
+              "    UpdateHostKeys no", "    ControlMaster no", "    ControlPath none", "    LogLevel ERROR"]
+    alias, wrong_alias = "edgevit-loopback", "edgevit-loopback-wrongkey"
+    config = root / "ssh_config"
+    config.write_text("\n".join([
+        f"Host {alias}", f"    IdentityFile {root / 'user_ed25519'}", *common,
+        f"Host {wrong_alias}", f"    IdentityFile {root / 'wrong_ed25519'}", *common, "",
+    ]))
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+    log_path = root / "sshd.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sshd, "-D", "-e", "-f", str(root / "sshd_config")], stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if server.poll() is not None:
+                pytest.skip(f"sshd exited with code {server.returncode}: {log_path.read_text().strip()[-500:]}")
+            probe = subprocess.run(["ssh", "-F", str(config), alias, "true"], stdin=subprocess.DEVNULL,
+                                   capture_output=True, text=True, timeout=20, check=False)
+            if probe.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the loopback sshd did not accept the test key within 20 s: ssh said "
+                            f"{probe.stderr.strip()[-300:]!r}; sshd log: {log_path.read_text().strip()[-500:]!r}")
+            time.sleep(0.2)
+        yield LoopbackSshd(port, str(config), alias, wrong_alias, root)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+_FAKE_ADB = '''#!{python}
+"""A fake adb: one device, {serial!r}, whose filesystem is this machine's; "shell" runs sh -c."""
+import json, os, shutil, signal, subprocess, sys, time
+
+SERIAL, LOG, GONE = {serial!r}, {log!r}, {gone!r}
+
+
+def copy(src, dst):
+    if dst.endswith("/") or os.path.isdir(dst):
+        dst = os.path.join(dst, os.path.basename(src.rstrip("/")))
+    if os.path.isdir(src):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+        shutil.copyfile(src, dst)
+    return 0
+
+
+def main(argv):
+    with open(LOG, "a") as fh:
+        fh.write(json.dumps(["adb", *argv]) + "\\n")
+    serial = None
+    if argv[:1] == ["-s"]:
+        if len(argv) < 2:
+            sys.stderr.write("adb: -s requires an argument\\n")
+            return 1
+        serial, argv = argv[1], argv[2:]
+    if not argv:
+        sys.stderr.write("adb: no command\\n")
+        return 1
+    cmd, args = argv[0], argv[1:]
+    gone = os.path.exists(GONE)
+    if cmd == "devices":
+        print("List of devices attached")
+        if not gone:
+            print(SERIAL + "\\tdevice")
+        print()
+        return 0
+    if gone or (serial is not None and serial != SERIAL):
+        if serial is None:
+            sys.stderr.write("adb: error: failed to get feature set: no devices/emulators found\\n")
+        else:
+            sys.stderr.write("error: device '%s' not found\\n" % serial)
+        return 1
+    if cmd == "shell":
+        child = subprocess.Popen(["sh", "-c", " ".join(args)], start_new_session=True)
+        while True:
+            try:
+                code = child.wait(timeout=0.1)
+                return code if code >= 0 else 128 - code
+            except subprocess.TimeoutExpired:
+                pass
+            if os.path.exists(GONE):
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                child.wait()
+                sys.stderr.write("error: closed\\n")
+                return 1
+    if cmd in ("push", "pull") and len(args) == 2:
+        try:
+            return copy(*args)
+        except OSError as exc:
+            sys.stderr.write("adb: error: %s failed: %s\\n" % (cmd, exc))
+            return 1
+    sys.stderr.write("adb: unknown command %s\\n" % cmd)
+    return 1
+
+
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@dataclasses.dataclass
+class FakeAdb:
+    """A fake ``adb`` first on PATH: one device whose filesystem is ``device_root`` (and the rest of this machine)."""
+
+    bin_dir: Path
+    device_root: Path
+    serial: str
+    log: Path  # one JSON argv per invocation
+    gone_marker: Path
+
+    def disappear(self) -> None:
+        """The device vanishes: running shells end with "error: closed", new commands find no device."""
+        self.gone_marker.touch()
+
+    def calls(self) -> list[list[str]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def fake_adb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeAdb:
+    root = tmp_path / "fake-adb"
+    bin_dir, device_root = root / "bin", root / "device"
+    bin_dir.mkdir(parents=True)
+    device_root.mkdir()
+    fake = FakeAdb(bin_dir, device_root, "emulator-5554", root / "adb-calls.jsonl", root / "device-gone")
+    script = bin_dir / "adb"
+    script.write_text(_FAKE_ADB.format(python=sys.executable, serial=fake.serial, log=str(fake.log),
+                                       gone=str(fake.gone_marker)))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return fake

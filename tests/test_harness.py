@@ -18,7 +18,7 @@ import pytest
 
 from edgevit.devices import stats
 from edgevit.devices.harness import Config, Protocol, measure
-from edgevit.devices.remote import AdbTransport, LoopbackTransport, SshTransport, measure_remote
+from edgevit.devices.remote import LoopbackTransport, RemoteHost, RemoteSpec
 
 FAST = Protocol(runs=6, rounds=3, warmup=1, gap_s=0.0, load_timeout_s=60, run_timeout_s=60)
 
@@ -150,23 +150,58 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "tiny.onnx", root / "inputs.npz"
 
 
-def test_loopback_runs_the_worker_in_its_own_process(tiny_onnx) -> None:
+def loopback_host(tmp_path: Path) -> RemoteHost:
+    """The remote protocol to this machine through ``sh`` (no ssh): a fresh process, a clean environment."""
+    spec = RemoteSpec("lo", "loopback", "", python=sys.executable, workdir=str(tmp_path / "remote"))
+    return RemoteHost(spec, LoopbackTransport(spec))
+
+
+def test_remote_protocol_measures_a_pushed_artifact_interleaved(tmp_path: Path, tiny_onnx) -> None:
     artifact, inputs = tiny_onnx
-    config = {"runtime": "onnxruntime", "threads": 1, "options": {"providers": ["CPUExecutionProvider"]}}
-    m = measure_remote(LoopbackTransport(), config, artifact, inputs, runs=7, warmup=2, label="tiny")
-    assert m.status == "ok", m.detail
-    assert len(m.times_ms) == 7 and m.info["runtime"] == "onnxruntime" and m.info["precision"] == "fp32"
-    assert m.info["compute_precision"] == "fp32"
-    assert m.platform["protocol"] == 1 and m.peak_rss_mb > 1
+    with loopback_host(tmp_path) as host:
+        facts = host.open()
+        assert facts["remote"] == "loopback" and "version" in facts["packages"]["onnxruntime"]
+        host.push({"a0/tiny.onnx": artifact, "inputs/x.npz": inputs})
+        config = {"runtime": "onnxruntime", "artifact": "a0/tiny.onnx", "inputs": "inputs/x.npz", "threads": 1,
+                  "options": {"providers": ["CPUExecutionProvider"]}}
+        seen: list[str] = []
+        a, b = measure([Config("a", config), Config("b", config)], FAST, seen.append, host.spawn)
+        workdir = Path(host.dir)
+        assert workdir.is_dir() and (workdir / "pids").read_text().count("\n") == 2  # one worker each
+    assert a.status == b.status == "ok", (a.detail, b.detail)
+    assert len(a.times_ms) == FAST.runs and a.info["runtime"] == "onnxruntime" and a.platform["protocol"] == 1
+    rounds = [m.split(": ")[1] for m in seen if m.startswith("round")]
+    assert rounds == ["a", "b", "b", "a", "a", "b"]  # interleaved, order alternating per round
+    assert not workdir.exists()  # closed: the run's directory is gone
 
 
-@pytest.mark.parametrize("options, status, detail", [({"crash": "first"}, "crashed", "exit code 3, no result.json"),
-                                                     ({"hang": "run:2"}, "timeout", "no result within 3 s")])
-def test_loopback_crash_and_hang(tiny_onnx, options, status, detail) -> None:
-    _, inputs = tiny_onnx
-    config = {"runtime": "fake", "options": {"ms": 1.0, **options}}
-    m = measure_remote(LoopbackTransport(), config, inputs, inputs, runs=5, timeout_s=3)
-    assert m.status == status and detail in m.detail
+@pytest.mark.parametrize("options, detail", [({"crash": "first"}, "worker exit code 3 on loopback"),
+                                             ({"sigkill": "run:3"}, "killed by SIGKILL on loopback (the device's out-of-memory")])
+def test_remote_worker_death_is_explained(tmp_path: Path, options: dict, detail: str) -> None:
+    with loopback_host(tmp_path) as host:
+        host.open()
+        dead, alive = measure([fake("dead", **options), fake("alive")], FAST, spawn=host.spawn)
+    assert dead.status == "crashed" and detail in dead.detail, dead.detail
+    assert alive.status == "ok" and len(alive.times_ms) == FAST.runs
+
+
+def test_remote_hang_times_out_and_leaves_no_worker(tmp_path: Path) -> None:
+    with loopback_host(tmp_path) as host:
+        host.open()
+        protocol = Protocol(runs=4, rounds=2, warmup=0, gap_s=0.0, run_timeout_s=2)
+        (m,) = measure([fake("h", hang="run:2")], protocol, spawn=host.spawn)
+        pid = int((Path(host.dir) / "pids").read_text().split()[0])
+    assert m.status == "timeout"
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_remote_without_python_or_numpy_is_one_line(tmp_path: Path) -> None:
+    from edgevit.devices.remote import RemoteError
+
+    spec = RemoteSpec("lo", "loopback", "", python=str(tmp_path / "no-python"), workdir=str(tmp_path / "r"))
+    with pytest.raises(RemoteError, match="no python at") as info, RemoteHost(spec, LoopbackTransport(spec)) as host:
+        host.open()
+    assert info.value.kind == "no-python" and not list((tmp_path / "r").iterdir())
 
 
 def test_worker_file_needs_no_edgevit(tmp_path: Path, tiny_onnx) -> None:
@@ -183,31 +218,18 @@ def test_worker_file_needs_no_edgevit(tmp_path: Path, tiny_onnx) -> None:
     assert json.loads((tmp_path / "out.json").read_text())["ok"]
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
+def test_edgevit_source_zip_builds_a_zoo_model_without_the_installed_package(tmp_path: Path) -> None:
+    """PyTorch eager on a remote: the model code travels as a zip that imports on its own."""
+    from edgevit.devices.remote import source_zip
 
-    def __call__(self, argv, timeout_s):
-        self.calls.append(list(argv))
-        pulling_result = argv[-2].endswith("/result.json")  # nothing ran, so there is nothing to pull
-        return subprocess.CompletedProcess(argv, 1 if pulling_result else 0, "", "")
-
-
-def test_ssh_and_adb_transports_build_the_protocol_commands(tiny_onnx) -> None:
-    artifact, inputs = tiny_onnx
-    for transport, tool in ((SshTransport("pi@edge", runner=Recorder()), "ssh"),
-                            (AdbTransport(serial="R58M", runner=Recorder()), "adb")):
-        m = measure_remote(transport, {"runtime": "onnxruntime"}, artifact, inputs, runs=3)
-        calls = transport.runner.calls
-        assert m.status == "crashed" and "no result.json" in m.detail
-        flat = [" ".join(c) for c in calls]
-        assert flat[0].startswith(tool) and "mkdir -p" in flat[0]
-        pushed = [c for c in flat if " push " in f" {c} " or c.startswith("scp -q -r")]
-        assert any("worker.py" in c for c in pushed) and any("tiny.onnx" in c for c in pushed)
-        assert any("config.json" in c for c in pushed) and any("inputs.npz" in c for c in pushed)
-        assert any("worker.py run config.json result.json" in c for c in flat)
-        assert "rm -rf" in flat[-1]
-    assert calls[0][:3] == ["adb", "-s", "R58M"]
+    zipped = source_zip(tmp_path / "edgevit-src.zip")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import edgevit.api as api; "
+            "assert api.__file__.startswith(sys.argv[1]), api.__file__; "
+            "s = api._prepare_subject('deit_tiny', None, 32, None, 0); print(tuple(s.model(*s.example_inputs).shape))")
+    proc = subprocess.run([sys.executable, "-c", code, str(zipped)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "(1, 1000)"
 
 
 # --- the devices table ------------------------------------------------------------------------------
@@ -404,9 +426,12 @@ def test_bench_cli_error_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
 
 def test_devices_json() -> None:
     proc = run_cli("devices", "--json")
-    rows = json.loads(proc.stdout)
+    result = json.loads(proc.stdout)
+    rows = result["devices"]
     assert proc.returncode == 0 and {r["device"] for r in rows} >= {"torch:eager", "onnx:cpu", "openvino:npu"}
-    assert all(r["available"] == (r["reason"] is None) for r in rows)
+    assert all(r["available"] == (r["reason"] is None) and r["host"] == "local" for r in rows)
+    (machine,) = result["machines"]
+    assert machine["name"] == "local" and machine["facts"]["cpu"]["cores"] >= 1
 
 
 # --- one small real model through every runtime here ---------------------------------------------------
