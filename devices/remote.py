@@ -181,6 +181,11 @@ class Transport:
         return RemoteError("error", f"{where}: {what} failed: {last}")
 
 
+def shell_path(path: str) -> str:
+    """A path for the remote shell: quoted, but a leading ``~/`` left for the shell to expand."""
+    return "~/" + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
+
+
 def _text(data: Any) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
@@ -206,7 +211,7 @@ class SshTransport(Transport):
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for name, path in files.items():
                 tar.add(str(path), arcname=name)
-        proc = self.shell(f"mkdir -p {shlex.quote(remote_dir)} && tar -xf - -C {shlex.quote(remote_dir)}",
+        proc = self.shell(f"mkdir -p {shell_path(remote_dir)} && tar -xf - -C {shell_path(remote_dir)}",
                           timeout_s, buf.getvalue())
         if proc.returncode != 0:
             raise self.failure(proc, "copying files")
@@ -298,7 +303,7 @@ class RemoteHost:
         """Push the worker, probe the machine; its facts (``remote``: the address, ``name``)."""
         self._opened = True
         self.push({"worker.py": WORKER})
-        proc = self.transport.shell(f"cd {shlex.quote(self.dir)} && {shlex.quote(self.spec.python)} worker.py probe",
+        proc = self.transport.shell(f"cd {shell_path(self.dir)} && {shell_path(self.spec.python)} worker.py probe",
                                     timeout_s)
         if proc.returncode != 0:
             raise self._python_failure(proc)
@@ -340,8 +345,8 @@ class RemoteHost:
         The inner ``sh`` records its pid (which becomes python's with ``exec``) for :meth:`close`; the
         outer shell reports the exit status on stderr, so a death by signal can be explained."""
         inner = 'echo $$ >> pids; exec "$0" worker.py serve'
-        return self.transport.command(f"cd {shlex.quote(self.dir)} && sh -c {shlex.quote(inner)} "
-                                      f"{shlex.quote(self.spec.python)}; echo {EXIT_MARK}$? >&2")
+        return self.transport.command(f"cd {shell_path(self.dir)} && sh -c {shlex.quote(inner)} "
+                                      f"{shell_path(self.spec.python)}; echo {EXIT_MARK}$? >&2")
 
     def spawn(self, label: str) -> WorkerProcess:
         return WorkerProcess(label, self.worker_command(), explain=self.explain_exit)
@@ -366,7 +371,7 @@ class RemoteHost:
         """Kill workers still running there and remove the run's directory; never raises."""
         if not self._opened:
             return
-        quoted = shlex.quote(self.dir)
+        quoted = shell_path(self.dir)
         command = (f"if [ -d {quoted} ]; then for p in $(cat {quoted}/pids 2>/dev/null); do kill -9 $p 2>/dev/null; "
                    f"done; rm -rf {quoted}; fi")
         try:

@@ -237,7 +237,10 @@ def write_markdown(result: dict[str, Any], path: Path, plot: Path | None) -> Pat
             on = f" ({r['host']})" if remote else ""
             lines += [f"**{r['model']} on {r['device']}{on}**", "", "| op | ms / inference | share |", "|---|---|---|"]
             lines += [f"| {p['op']} | {p['ms_per_run']:.3f} | {p['share']:.0%} |" for p in r["profile"][:10]] + [""]
-    lines += ["## Versions", "", ", ".join(f"{k} {val}" for k, val in v.items()), ""]
+    lines += ["## Versions", "", "Exported with: " + ", ".join(f"{k} {val}" for k, val in v.items()), ""]
+    for h in result.get("hosts", []):
+        if h.get("runtimes"):
+            lines += [f"Measured on {h['name']} with: " + ", ".join(f"{k} {val}" for k, val in h["runtimes"].items()), ""]
     _atomic_write(path, "\n".join(lines).encode())
     return path
 

@@ -461,3 +461,54 @@ def test_bench_runs_a_small_model_on_every_cpu_runtime_and_caches_exports(tmp_pa
     assert again.returncode == 0, again.stderr[-2000:]
     rows = {r["device"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
     assert set(rows) == {"torch:eager", "onnx:cpu"} and rows["onnx:cpu"]["export_cached"] is True
+
+
+# --- a remote machine's devices, decided from its facts ------------------------------------------------
+
+def remote_facts(**packages: dict) -> dict:
+    import copy
+
+    from edgevit.devices.table import local_facts
+
+    facts = copy.deepcopy(local_facts()) | {"remote": "ssh:pi@board", "name": "pi"}
+    facts["packages"] |= packages
+    return facts
+
+
+def test_remote_devices_list_missing_runtimes_without_failing_the_cpu_set() -> None:
+    from edgevit.devices.bench import BenchOptions, _remote_devices
+
+    spec = RemoteSpec("pi", "ssh", "pi@board")
+    facts = remote_facts(onnxruntime={"missing": True}, torch={"missing": True})
+    devices, absent = _remote_devices(spec, BenchOptions(device="cpu"), facts)
+    names = {d.name for d in devices}
+    assert "onnx:cpu" not in names and "torch:eager" not in names and "openvino:cpu" in names
+    reasons = {d.name: (reason, requested) for d, reason, requested in absent}
+    assert set(reasons) == {"torch:eager", "onnx:cpu"}  # one row per missing runtime, not onnx:xnnpack too
+    assert "pip install onnxruntime for" in reasons["onnx:cpu"][0] and reasons["onnx:cpu"][1] is False
+    _, named = _remote_devices(spec, BenchOptions(device="onnx:cpu"), facts)
+    assert [(d.name, requested) for d, _, requested in named] == [("onnx:cpu", True)]  # asked for: a failure
+
+
+def test_broken_runtime_on_a_remote_says_so() -> None:
+    from edgevit.devices.table import DEVICES
+
+    facts = remote_facts(openvino={"error": "ImportError: libtbb.so.12: cannot open shared object file"})
+    assert "openvino is installed but does not import: ImportError: libtbb" in DEVICES["openvino:cpu"].unavailable_reason(facts)
+
+
+def test_without_eager_the_ratio_is_against_the_fastest_runtime() -> None:
+    from edgevit.devices.bench import _rows
+    from edgevit.devices.harness import Measurement
+    from edgevit.devices.report import speedup_text
+
+    def timed(device: str, ms: float) -> Measurement:
+        m = Measurement(device, {"device": device, "precision": "fp32", "macs": 10**9, "batch": 1}, status="ok")
+        m.rounds = [[ms, ms], [ms * 1.1, ms * 1.1]]
+        return m
+
+    rows = {r["device"]: r for r in _rows([timed("onnx:cpu", 20.0), timed("tflite:xnnpack", 10.0)], {})}
+    assert rows["onnx:cpu"]["baseline"] == "tflite:xnnpack" and "speedup_vs_eager" not in rows["onnx:cpu"]
+    assert rows["onnx:cpu"]["speedup_vs_baseline"]["median"] == pytest.approx(0.5)
+    assert speedup_text(rows["onnx:cpu"]).endswith("vs tflite:xnnpack")
+    assert speedup_text(rows["tflite:xnnpack"]) == "1.00x (baseline)"

@@ -408,3 +408,15 @@ def test_adb_device_disappears_mid_run(fake_adb):
     assert "adb:emulator-5554" in slow.detail and "\n" not in slow.detail
     assert all(m.status == "crashed" for m in results), [(m.label, m.status, m.detail) for m in results]
     assert_no_leftovers(host.dir)
+
+
+def test_a_home_relative_python_is_expanded_by_the_remote_shell(tmp_path):
+    """``--remote-python '~/venv/bin/python'``: quoted for the shell except the leading ``~/``."""
+    from edgevit.devices.remote import shell_path
+
+    home = tmp_path / "home"
+    (home / "my env").mkdir(parents=True)
+    out = subprocess.run(["sh", "-c", f"echo {shell_path('~/my env/python')}"], capture_output=True, text=True,
+                         env={"HOME": str(home), "PATH": os.environ["PATH"]}, check=True).stdout.strip()
+    assert out == f"{home}/my env/python"
+    assert shell_path("/opt/py; rm -rf /") == "'/opt/py; rm -rf /'"
