@@ -284,6 +284,11 @@ def machine_summary(facts: Facts) -> str:
     runtimes = ", ".join(f"{p} {s['version']}" for p, s in facts["packages"].items() if "version" in s)
     nodes = "; ".join(f"{kind}: {' '.join(paths)}" for kind, paths in facts.get("accelerator_nodes", {}).items())
     ov = facts.get("openvino", {}).get("devices")
+    providers = facts.get("onnxruntime", {}).get("providers")
+    gpu_delegate = facts.get("litert", {}).get("gpu_delegate")
     return (f"{cpu['model']}, {cpu['cores']} cores ({facts['platform']['system']} {facts['platform']['machine']}, "
             f"python {facts['platform']['python']}); CPU flags: {flags}; runtimes: {runtimes or 'none'}"
-            + (f"; OpenVINO devices: {', '.join(ov)}" if ov else "") + (f"; device nodes: {nodes}" if nodes else ""))
+            + (f"; onnxruntime providers: {', '.join(providers)}" if providers else "")
+            + (f"; OpenVINO devices: {', '.join(ov)}" if ov else "")
+            + (f"; LiteRT GPU delegate: {gpu_delegate}" if gpu_delegate else "")
+            + (f"; device nodes: {nodes}" if nodes else ""))

@@ -208,3 +208,21 @@ def test_bad_devices_file_is_one_line(tmp_path: Path, content: str, message: str
     (tmp_path / "edgevit-devices.toml").write_text(content)
     proc = run_cli("devices", "--all", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_devices_on_an_adb_device_from_the_cli(tmp_path: Path, fake_adb) -> None:
+    """The adb transport end to end from the CLI (a fake adb on PATH maps the device onto a folder)."""
+    workdir = fake_adb.device_root / "tmp"
+    workdir.mkdir()
+    devices_file(tmp_path, {"phone": {"remote": f"adb:{fake_adb.serial}", "python": sys.executable,
+                                      "workdir": str(workdir)}})
+    proc = run_cli("devices", "--remote", "phone", "--json", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert [m["address"] for m in result["machines"]] == [f"adb:{fake_adb.serial}"]
+    assert {r["host"] for r in result["devices"]} == {"phone"}
+    assert not next(r for r in result["devices"] if r["device"] == "onnx:nnapi")["available"]  # not Android
+    assert os.listdir(workdir) == []
+    assert any(c[3:4] == ["push"] for c in fake_adb.calls())
+    gone = run_cli("devices", "--remote", "adb:emulator-0000", cwd=tmp_path, timeout=300)
+    assert gone.returncode == 1 and "emulator-0000" in gone.stderr and "Traceback" not in gone.stderr
