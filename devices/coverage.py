@@ -193,17 +193,17 @@ def fixes_for(op_or_problem: str, target: str | None = None, accelerator: str | 
     is matched by its key, the text before the first ``": "``. With ``target``/``accelerator`` the
     passes in that pipeline come first.
     """
-    from edgevit.export.passes import PASSES, wants
+    from edgevit.export.passes import PASSES, default_pipeline, resolve_passes
 
     key = _fix_key(op_or_problem)
     whole = op_or_problem.strip().lower()
     names = [name for name, cls in PASSES.items()
              if any(f.lower() in (key, whole) for f in getattr(cls, "fixes", ()))]
+    ordered = list(resolve_passes(names, target or "onnx", accelerator or "cpu")) if names else []
     if target and accelerator:
-        names.sort(key=lambda n: (not wants(PASSES[n], target, accelerator), PASSES[n].order, n))
-    else:
-        names.sort(key=lambda n: (PASSES[n].order, n))
-    return names
+        wanted = default_pipeline(target, accelerator)
+        ordered.sort(key=lambda n: n not in wanted)  # stable: ORDER within each group
+    return ordered
 
 
 def _with_fixes(cov: Coverage) -> Coverage:

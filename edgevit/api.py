@@ -611,7 +611,7 @@ def _verify_coreml(
     precision: str,
 ) -> ParityReport:
     """Structural check, then the reference executor (fp32 + fp16 modes; + Core ML on macOS)."""
-    from edgevit.export.coreml import structural_check, verify
+    from edgevit.export.backends.coreml.convert import structural_check, verify
 
     structural = structural_check(artifact, subject.example_inputs, len(names))
     if not structural["ok"]:

@@ -115,7 +115,7 @@ def passes_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List the op-substitution passes, or one target's pipeline (``--passes auto``) in order."""
-    from edgevit.export.passes import PASSES, wants
+    from edgevit.export.passes import ORDER, PASSES, default_pipeline, resolve_passes
     from edgevit.export.targets import TARGETS, get_target
 
     try:
@@ -126,14 +126,14 @@ def passes_cmd(
             acc = tgt.accelerator(accelerator).name
             names = tgt.pipeline(acc)
         else:
-            names = tuple(sorted(PASSES, key=lambda n: (PASSES[n].order, n)))
+            names = resolve_passes(list(PASSES), "onnx", "cpu")  # every pass, in ORDER
     except EdgevitError as exc:
         _fail(str(exc), exc.exit_code)
     pairs = [(t.name, a.name) for t in TARGETS.values() for a in t.accelerators]
     rows = [
-        {"name": n, "order": PASSES[n].order, "kind": PASSES[n].kind, "exact": PASSES[n].exact,
-         "summary": PASSES[n].summary(), "fixes": list(PASSES[n].fixes),
-         "pipelines": [f"{t}:{a}" for t, a in pairs if wants(PASSES[n], t, a)]}
+        {"name": n, "order": ORDER.index(n) if n in ORDER else len(ORDER), "kind": PASSES[n].kind,
+         "exact": PASSES[n].exact, "summary": PASSES[n].summary(), "fixes": list(PASSES[n].fixes),
+         "pipelines": [f"{t}:{a}" for t, a in pairs if n in default_pipeline(t, a)]}
         for n in names
     ]
     if as_json:

@@ -1,7 +1,8 @@
-"""The targets table: the single source of truth for export targets (the Ultralytics habit).
+"""The targets table: the single source of truth for export targets.
 
 The CLI's choices, the exporter's dispatch, the parity runner, the README's table and the tests all
-read :data:`TARGETS`; adding a target means adding one row here and one converter module.
+read :data:`TARGETS`. Its rows are declared by the backend packages (``export/backends/<name>/``): adding
+a target means adding one backend package and its name in ``export/backends/__init__.py``.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ class Target:
     suffix: str  # artifact suffix; a directory for Core ML, .xml (+ .bin) for OpenVINO
     runtime: str  # the runtime parity runs the artifact in
     converter: str  # the converter, for humans and manifests
-    module: str  # edgevit.export.<module> implements convert()
+    module: str  # edgevit.export.<module> implements convert() (the backend's convert.py)
     requires: tuple[str, ...]  # importable packages needed to convert and verify
     extra: str  # pip extra that installs them
     precisions: tuple[str, ...]
     default_precision: str
-    accelerators: tuple[Accelerator, ...]  # the first is the default; pipelines come from the passes' wanted_by
+    accelerators: tuple[Accelerator, ...]  # the first is the default; each has a pass pipeline in its backend
     precision_notes: str = ""
     # What convert() is handed: "program" (edgevit's capture of the rewritten graph) or "module" (the
     # rewritten graph module, for a converter that runs torch.export itself: capturing it first is wasted)
@@ -84,85 +85,11 @@ class Target:
                 raise MissingBackendError(self.name, package, self.extra)
 
 
-TARGETS: dict[str, Target] = {
-    t.name: t
-    for t in (
-        Target(
-            name="onnx",
-            suffix=".onnx",
-            runtime="onnxruntime (CPUExecutionProvider)",
-            converter="torch.onnx dynamo exporter (opset 18)",
-            module="onnx",
-            requires=("onnx", "onnxscript", "onnxruntime"),
-            extra="onnx",
-            precisions=("fp32", "fp16"),
-            default_precision="fp32",
-            accelerators=(
-                Accelerator("cpu", "onnxruntime CPU execution provider", None, "onnxruntime session"),
-                Accelerator("xnnpack", "onnxruntime XNNPACK execution provider", None,
-                            "softmax on the last axis (XNNPACK EP rule)"),
-                Accelerator("nnapi", "Android NNAPI execution provider", 4,
-                            "onnxruntime mobile usability checker (NNAPI)"),
-                Accelerator("coreml", "Core ML execution provider (MLProgram)", 5,
-                            "onnxruntime mobile usability checker (CoreML MLProgram)"),
-            ),
-            precision_notes="fp16: float16 graph with fp32 inputs/outputs (onnxruntime float16 converter)",
-        ),
-        Target(
-            name="coreml",
-            suffix=".mlpackage",
-            runtime="edgevit MIL reference executor (fp32 + fp16 modes); + Core ML prediction on macOS",
-            converter="coremltools ML Program, iOS17 deployment target",
-            module="coreml",
-            requires=("coremltools",),
-            extra="coreml",
-            precisions=("fp16", "fp32"),
-            default_precision="fp16",
-            accelerators=(
-                Accelerator("ane", "Apple Neural Engine (ComputeUnit.ALL / CPU_AND_NE)", 5,
-                            "ANE rules over the MIL program; MLComputePlan on macOS"),
-            ),
-            precision_notes="fp16 is the ML Program default and the only precision the Neural Engine runs",
-        ),
-        Target(
-            name="tflite",
-            suffix=".tflite",
-            runtime="LiteRT interpreter (ai-edge-litert, XNNPACK)",
-            converter="litert-torch",
-            module="tflite",
-            requires=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
-            extra="tflite",
-            precisions=("fp32", "fp16"),
-            default_precision="fp32",
-            accelerators=(
-                Accelerator("xnnpack", "LiteRT CPU with the XNNPACK delegate", 6, "LiteRT interpreter"),
-                Accelerator("gpu", "LiteRT GPU delegate", 4,
-                            "TensorFlow Lite analyzer (gpu_compatibility) + rank<=4 / batch 1 scan"),
-                Accelerator("nnapi", "LiteRT NNAPI delegate", 4, "rank<=4 scan + NNAPI op list"),
-            ),
-            precision_notes="fp16: float16 weights dequantized at load (ai-edge-quantizer float casting)",
-            converter_input="module",  # litert-torch exports the module itself
-        ),
-        Target(
-            name="openvino",
-            suffix=".xml",
-            runtime="OpenVINO CPU, inference precision forced to f32",
-            converter="openvino.convert_model (IR .xml + .bin)",
-            module="openvino",
-            requires=("openvino",),
-            extra="openvino",
-            precisions=("fp32", "fp16"),
-            default_precision="fp32",
-            accelerators=(
-                Accelerator("cpu", "OpenVINO CPU plugin", None, "Core.query_model"),
-                Accelerator("gpu", "OpenVINO GPU plugin (f16 by default)", None, "Core.query_model if present"),
-                Accelerator("npu", "OpenVINO NPU plugin (static shapes, f16)", None,
-                            "Core.query_model if present + static-shape rules"),
-            ),
-            precision_notes="fp16: IR weights compressed to float16; inference precision as OpenVINO reports it",
-        ),
-    )
-}
+# The rows come from the backend packages (export/backends/<name>/__init__.py), which import the classes
+# above: this import stays below them.
+from edgevit.export.backends import BACKENDS  # noqa: E402
+
+TARGETS: dict[str, Target] = {name: backend.target for name, backend in BACKENDS.items()}
 
 
 def get_target(name: str) -> Target:

@@ -47,13 +47,13 @@ def test_readme_known_failures_match_the_table() -> None:
 
 def passes_table_rows() -> list[str]:
     """The README's passes table, as the registry and the targets table define it."""
-    from edgevit.export.passes import PASSES, wants
+    from edgevit.export.passes import ORDER, PASSES, default_pipeline
 
     pairs = [(t.name, a.name) for t in TARGETS.values() for a in t.accelerators]
     rows = []
-    for name in sorted(PASSES, key=lambda n: (PASSES[n].order, n)):
+    for name in ORDER:
         cls = PASSES[name]
-        where = [f"{t}:{a}" for t, a in pairs if wants(cls, t, a)]
+        where = [f"{t}:{a}" for t, a in pairs if name in default_pipeline(t, a)]
         where_text = "all" if len(where) == len(pairs) else ", ".join(where)
         summary = cls.summary().replace("|", "\\|")
         rows.append(f"| `{name}` | {'exact' if cls.exact else 'approximate'} | {where_text} | {summary} |")

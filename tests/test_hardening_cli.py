@@ -41,7 +41,7 @@ def factory():
 
 
 if "--in-process" in sys.argv and os.environ.get("SLEEPY_MARKER"):
-    import edgevit.export.onnx as _onnx
+    import edgevit.export.backends.onnx.convert as _onnx
 
     def _hang(*args, **kwargs):
         pathlib.Path(os.environ["SLEEPY_MARKER"]).write_text(str(os.getpid()))

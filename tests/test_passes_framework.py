@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgevitError
-from edgevit.export.passes import PASSES, default_pipeline, resolve_passes, run_pipeline, wants
+from edgevit.export.passes import ORDER, PASSES, default_pipeline, resolve_passes, run_pipeline
 from edgevit.export.targets import TARGETS
 
 TESTS = Path(__file__).resolve().parent
@@ -26,8 +26,8 @@ def test_every_pass_is_documented_and_placed() -> None:
         doc = (cls.__doc__ or "").strip()
         # A summary line plus a paragraph saying why (the backend limit it works around).
         assert len(doc.splitlines()) >= 3 and "why" in doc.lower(), f"{name}: docstring must say why"
-        assert cls.wanted_by, f"{name} is in no pipeline"
-        assert any(wants(cls, t.name, a.name) for t in TARGETS.values() for a in t.accelerators), name
+        assert name in ORDER, f"{name} has no place in ORDER"
+        assert any(name in default_pipeline(t.name, a.name) for t in TARGETS.values() for a in t.accelerators), name
 
 
 def test_every_pass_has_its_own_tests() -> None:
@@ -37,12 +37,13 @@ def test_every_pass_has_its_own_tests() -> None:
     assert not missing, f"passes without tests: {missing}"
 
 
-def test_pipelines_follow_wanted_by_and_order() -> None:
+def test_every_pipeline_is_registered_passes_in_order() -> None:
+    """Each backend's explicit lists name registered passes, once each, in ORDER; every accelerator has one."""
+    assert len(set(ORDER)) == len(ORDER) and set(ORDER) == set(PASSES)
     for t in TARGETS.values():
         for a in t.accelerators:
             names = default_pipeline(t.name, a.name)
-            assert list(names) == sorted(names, key=lambda n: (PASSES[n].order, n))
-            assert all(wants(PASSES[n], t.name, a.name) for n in names)
+            assert names and list(names) == sorted(names, key=ORDER.index), f"{t.name}:{a.name}"
     assert TARGETS["onnx"].passes == default_pipeline("onnx", "cpu")
 
 
@@ -155,7 +156,6 @@ def test_module_passes_run_before_capture_and_are_reported(monkeypatch: pytest.M
         """
 
         name = "test_swap_relu"
-        wanted_by = ("onnx:cpu",)
 
         def apply(self, model: nn.Module) -> int:
             swapped = 0
@@ -193,7 +193,7 @@ class _Raises(GraphPass):
     Why: a pass bug must cost only that pass.
     """
 
-    name, wanted_by, order = "test_raises", ("*",), 1
+    name = "test_raises"
 
     def matches(self, ctx, node) -> bool:
         return is_op(node, aten.relu)
@@ -208,7 +208,7 @@ class _WrongValues(GraphPass):
     Why: a rewrite that moves the outputs beyond fp32 rounding is wrong.
     """
 
-    name, wanted_by, order = "test_wrong_values", ("*",), 2
+    name = "test_wrong_values"
 
     def matches(self, ctx, node) -> bool:
         return is_op(node, aten.add)
@@ -223,7 +223,7 @@ class _BrokenGraph(GraphPass):
     Why: the stride bug strip_aliases once had.
     """
 
-    name, wanted_by, order = "test_broken_graph", ("*",), 3
+    name = "test_broken_graph"
 
     def matches(self, ctx, node) -> bool:
         return is_op(node, aten.mul)
@@ -245,7 +245,7 @@ class _Uncapturable(GraphPass):
     Why: found only when the converter needs the program.
     """
 
-    name, wanted_by, order = "test_uncapturable", ("*",), 4
+    name = "test_uncapturable"
 
     def matches(self, ctx, node) -> bool:
         return is_op(node, aten.relu)
@@ -300,7 +300,7 @@ def test_export_falls_back_to_no_passes_when_the_converter_fails_on_the_rewrite(
     """A converter that cannot take what a pass wrote must not cost the model its export (--passes none
     converts, so --passes auto must too); with strict_passes it is an error."""
     import edgevit
-    from edgevit.export import onnx as onnx_target
+    from edgevit.export.backends.onnx import convert as onnx_target
 
     real = onnx_target.convert
 

@@ -247,7 +247,7 @@ class _Reshuffle(nn.Module):
 def test_module_without_weights_verifies_on_coreml(tmp_path: Path) -> None:
     """Used to fail the structural check with "no weight blob in the package": an ML Program without
     weights is valid. A package whose program refers to a blob that is missing still fails."""
-    from edgevit.export.coreml import structural_check
+    from edgevit.export.backends.coreml.convert import structural_check
 
     x = torch.randn(1, 16, 8, 8)
     result = edgevit.export_model(_Reshuffle(), x, target="coreml", out=tmp_path / "a")

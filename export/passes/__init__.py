@@ -1,16 +1,15 @@
-"""Op-substitution passes: the registry, the per-target pipelines, and the runner.
+"""Op-substitution passes: the registry, the one order they run in, and the runner.
 
-Pass modules in this package are discovered automatically; each registers its classes with
-:func:`register_pass`. The pipeline of a target/accelerator pair is every pass whose ``wanted_by``
-names it, in ``order``; the accelerators themselves are rows of the targets table
-(:data:`edgevit.export.targets.TARGETS`).
+Pass modules in this package (and a backend's own ``export/backends/<name>/passes/``) are discovered
+automatically; each registers its classes with :func:`register_pass`. Which passes run for a
+target/accelerator pair is an explicit list in that backend's package (``BACKEND.pipelines``); every
+such list, and any ``--passes a,b,c`` a user gives, runs in :data:`ORDER`.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import fnmatch
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -53,10 +52,56 @@ def register_pass(cls: type[GraphPass]) -> type[GraphPass]:
     return cls
 
 
+#: The order in which passes run, whichever pipeline holds them. Why each sits where it does:
+ORDER: tuple[str, ...] = (
+    "strip_aliases",  # first: every later pattern matches without alias/clone/dropout nodes in the way
+    "select_to_slice",  # x[:, 0] as slice + squeeze, before constant folding and layout passes read it
+    "fold_constant_gathers",  # weight-only subgraphs become constants that later passes can read
+    "fold_batchnorm",  # into the conv/linear before it: needs constant weights, before layout changes
+    "fuse_gelu",  # a written-out GELU as one op, before anything decomposes elementwise math
+    "adaptive_pool_static",  # shape-dependent pools become static ops while shapes are still the model's
+    "upsample_static",  # likewise for nearest up-sampling
+    "nearest_downsample_slice",  # likewise for nearest down-sampling
+    "unfold_fold_static",  # im2col/col2im before the rank lowering sees their rank-5/6 intermediates
+    "pixel_unshuffle_rank4",  # a rank-6 permute made rank <= 4 before lower_rank's general rewrite
+    "lower_rank",  # every remaining rank > 4 chain, once the special cases above are done
+    "sdpa_to_explicit",  # attention as matmul/softmax/matmul, so mask, softmax and layout passes see it
+    "einsum_to_matmul",  # einsums as matmuls, for the same reason
+    "expand_to_broadcast",  # after the decompositions that produce expands
+    "finite_masks",  # on the explicit attention's mask (after sdpa_to_explicit)
+    "softmax_last_axis",  # on the explicit attention's softmax, and any other
+    "gelu_tanh",  # NNAPI-only decompositions of normalisation and activation ops
+    "decompose_group_norm",
+    "decompose_layer_norm",
+    "decompose_vector_norm",
+    "sum_to_mean",
+    "static_gather_scatter",  # constant-index gathers/scatters as slices or one-hot matmuls
+    "static_topk_select",
+    "ane_channel_layer_norm",  # the Neural Engine layout (B, C, 1, S): norms, then linears, then attention,
+    "ane_linear_to_conv",  # then the transposes between them cancelled; after every generic rewrite so
+    "ane_split_heads",  # that they see the final op set
+    "ane_cancel_transposes",
+    "split_fused_projection",  # on the final graph: column ranges of a fused qkv Linear as separate Linears
+    "fold_scale_into_linear",  # after the split: the attention scale folded into the q columns
+    "sink_slices",  # last: moves slices above row-wise ops of the final graph
+)
+
+
 def _discover() -> None:
     for mod in pkgutil.iter_modules(__path__):
         if mod.name != "base":
             importlib.import_module(f"{__name__}.{mod.name}")
+    from edgevit.export.backends import BACKENDS  # a backend's own passes: export/backends/<name>/passes/
+
+    for backend in BACKENDS.values():
+        try:
+            package = importlib.import_module(f"edgevit.export.backends.{backend.name}.passes")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"edgevit.export.backends.{backend.name}.passes":
+                raise
+            continue
+        for mod in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{mod.name}")
 
 
 def get_pass(name: str) -> type[GraphPass]:
@@ -67,24 +112,20 @@ def get_pass(name: str) -> type[GraphPass]:
     return PASSES[name]
 
 
-def wants(cls: type[GraphPass], target: str, accelerator: str) -> bool:
-    """True when the pass's ``wanted_by`` patterns cover ``target:accelerator``."""
-    key = f"{target}:{accelerator}"
-    for pattern in cls.wanted_by:
-        pattern = pattern if ":" in pattern or pattern == "*" else f"{pattern}:*"
-        if fnmatch.fnmatchcase(key, pattern if pattern != "*" else "*:*"):
-            return True
-    return False
-
-
 def default_pipeline(target: str, accelerator: str) -> tuple[str, ...]:
-    """The passes ``--passes auto`` runs for ``target`` on ``accelerator``, in order."""
-    chosen = [cls for cls in PASSES.values() if wants(cls, target, accelerator)]
-    return tuple(cls.name for cls in sorted(chosen, key=lambda c: (c.order, c.name)))
+    """The passes ``--passes auto`` runs for ``target`` on ``accelerator``, in order (the backend's list)."""
+    from edgevit.export.backends import get_backend
+
+    return tuple(get_backend(target).pipelines[accelerator])
+
+
+def _rank(name: str) -> tuple[int, int]:
+    """A pass's place in :data:`ORDER`; a pass outside it (registered by a test) runs after, by name."""
+    return (ORDER.index(name), 0) if name in ORDER else (len(ORDER), 0)
 
 
 def resolve_passes(spec: str | Sequence[str] | None, target: str, accelerator: str) -> tuple[str, ...]:
-    """``auto`` (default pipeline), ``none``, or a comma-separated list of pass names, validated."""
+    """``auto`` (default pipeline), ``none``, or a comma-separated list of pass names, validated, in ORDER."""
     if spec is None or spec == "auto":
         return default_pipeline(target, accelerator)
     if spec == "none":
@@ -95,7 +136,7 @@ def resolve_passes(spec: str | Sequence[str] | None, target: str, accelerator: s
         raise EdgevitError("--passes needs 'auto', 'none' or a comma-separated list of pass names")
     for n in names:
         get_pass(n)
-    return tuple(sorted(dict.fromkeys(names), key=lambda n: (PASSES[n].order, n)))
+    return tuple(sorted(dict.fromkeys(names), key=_rank))
 
 
 @dataclass

@@ -236,10 +236,8 @@ class FuseGelu(GraphPass):
     """
 
     name = "fuse_gelu"
-    wanted_by = ("onnx:cpu", "onnx:xnnpack", "onnx:coreml", "coreml", "tflite:xnnpack", "tflite:gpu", "openvino")
     exact = True
     fixes = ("erf", "aten.erf", "ERF")
-    order = 20
 
     def __init__(self) -> None:
         self._sites: dict[fx.Node, tuple[fx.Node, fx.Node, str]] = {}
@@ -281,10 +279,8 @@ class GeluTanh(GraphPass):
     """
 
     name = "gelu_tanh"
-    wanted_by = ("*:nnapi",)
     exact = False
     fixes = ("Erf", "Gelu", "GELU", "gelu")
-    order = 55
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, aten.gelu) or len(node.args) != 1:

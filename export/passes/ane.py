@@ -162,10 +162,8 @@ class AneLinearToConv(ViewRepairing, _PruningPass):
     """
 
     name = "ane_linear_to_conv"
-    wanted_by = ("coreml",)
     exact = True
     fixes = ("linear", "aten.linear")  # MIL linear on rank-3 tokens
-    order = 90
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         # the (B, C) form reshapes to (B, C, 1, 1): not when B depends on the data (x[mask] rows)
@@ -209,10 +207,8 @@ class AneChannelLayerNorm(ViewRepairing, _PruningPass):
     """
 
     name = "ane_channel_layer_norm"
-    wanted_by = ("coreml",)
     exact = True
     fixes = ("aten.layer_norm",)  # over the last axis; MIL gets layer_norm over axis 1 instead
-    order = 90  # same order as ane_linear_to_conv and runs before it (name order): sees the linears
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, aten.layer_norm) or not _is_float(ctx, node):
@@ -723,10 +719,8 @@ class AneCancelTransposes(ViewRepairing, _PruningPass):
     """
 
     name = "ane_cancel_transposes"
-    wanted_by = ("coreml",)
     exact = True
     fixes = ("transpose", "Transpose", "TRANSPOSE")
-    order = 91
 
     def _run(self, ctx: PassContext) -> int:
         _erase_dead_dropouts(ctx)

@@ -166,10 +166,8 @@ class AneSplitHeads(ViewRepairing, GraphPass):
     """
 
     name = "ane_split_heads"
-    wanted_by = ("coreml",)
     exact = True
     fixes = ("batched attention",)  # the layout hint of ``edgevit inspect`` for coreml:ane
-    order = 90  # after ane_linear_to_conv (name order), before ane_cancel_transposes reads the chunks
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         return _find(ctx, node) is not None

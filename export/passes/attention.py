@@ -120,9 +120,7 @@ class SoftmaxLastAxis(ViewRepairing, GraphPass):
     """
 
     name = "softmax_last_axis"
-    wanted_by = ("tflite", "onnx:xnnpack")
     fixes = ("Softmax(axis!=-1)", "LogSoftmax(axis!=-1)", "softmax axis")
-    order = 50
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, *_SOFTMAXES) or len(node.args) < 2:
@@ -220,9 +218,7 @@ class FiniteMasks(GraphPass):
     """
 
     name = "finite_masks"
-    wanted_by = ("coreml", "tflite:gpu", "openvino:gpu", "openvino:npu")
     fixes = ("-inf mask", "fp16 mask overflow", "NaN in fp16")
-    order = 45
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not _is_float(ctx, node) or not _feeds_softmax(node):
@@ -340,9 +336,7 @@ class ExpandToBroadcast(GraphPass):
     """
 
     name = "expand_to_broadcast"
-    wanted_by = ("*",)
     fixes = ("Expand", "BROADCAST_TO", "expand", "Tile")
-    order = 40
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, aten.expand, aten.expand_as, aten.repeat):
@@ -555,9 +549,7 @@ class EinsumToMatmul(ViewRepairing, GraphPass):
     """
 
     name = "einsum_to_matmul"
-    wanted_by = ("*",)
     fixes = ("Einsum", "einsum")
-    order = 38
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         return is_op(node, aten.einsum) and _Einsum.plan(ctx, node) is not None
@@ -618,9 +610,7 @@ class SdpaToExplicit(GraphPass):
     """
 
     name = "sdpa_to_explicit"
-    wanted_by = ("*",)
     fixes = ("scaled_dot_product_attention", "IsNaN", "Attention", "sdpa")
-    order = 37
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, aten.scaled_dot_product_attention) or len(node.args) < 3:

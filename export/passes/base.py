@@ -1,8 +1,8 @@
 """The pass framework: registered graph rewrites over the captured ``torch.export`` program.
 
-A pass is a small class (the coremltools-MIL / ExecuTorch habit): a ``name``, the targets and
-accelerators that want it (``wanted_by``), a docstring saying what it rewrites and which backend limit
-it works around, and a ``matches(node)`` / ``rewrite(ctx, node)`` pair. Passes work on the unlifted
+A pass is a small class (the coremltools-MIL / ExecuTorch habit): a ``name``, a docstring saying what
+it rewrites and which backend limit it works around (which pipelines run it is each backend's explicit
+list, in the one order of ``export/passes/__init__.py: ORDER``), and a ``matches(node)`` / ``rewrite(ctx, node)`` pair. Passes work on the unlifted
 ATen graph of ``ExportedProgram.module()`` (parameters are ``get_attr`` nodes), which any model
 captured by :func:`edgevit.export.capture.capture` has, zoo or not; the pipeline re-exports the
 rewritten graph so every converter still receives an ``ExportedProgram``.
@@ -117,15 +117,11 @@ class GraphPass:
     """Base class of graph passes. Subclasses set the class attributes and implement the pair below."""
 
     name: ClassVar[str] = ""
-    #: "target", "target:accelerator" or "*"; the pass is in the default pipeline of what matches.
-    wanted_by: ClassVar[tuple[str, ...]] = ()
     #: True when the rewrite is exact up to float re-association; False for approximations.
     exact: ClassVar[bool] = True
     #: Op names (ONNX op types, TFLite/MIL op names, or problems such as "rank>4") this pass removes;
     #: ``edgevit inspect`` uses them to name the fix for an unsupported op.
     fixes: ClassVar[tuple[str, ...]] = ()
-    #: Pipeline position; lower runs first (cleanups early, layout passes last).
-    order: ClassVar[int] = 50
     kind: ClassVar[str] = "graph"
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:

@@ -47,9 +47,7 @@ class StripAliases(GraphPass):
     """
 
     name = "strip_aliases"
-    wanted_by = ("*",)
     fixes = ("alias", "aten.alias", "Identity", "Dropout")
-    order = 0
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if is_op(node, aten._assert_tensor_metadata):
@@ -115,9 +113,7 @@ class SelectToSlice(GraphPass):
     """
 
     name = "select_to_slice"
-    wanted_by = ("*",)
     fixes = ("Gather", "gather", "GATHER")
-    order = 10
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         return is_op(node, aten.select) and ctx.shape(node.args[0]) is not None

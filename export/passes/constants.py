@@ -179,9 +179,7 @@ class FoldConstantGathers(GraphPass):
     """
 
     name = "fold_constant_gathers"
-    wanted_by = ("*",)
     fixes = ("Gather", "GatherND", "gather", "GATHER", "GATHER_ND")
-    order = 15
 
     def run(self, ctx: PassContext) -> int:
         self._folder = _Folder(ctx)

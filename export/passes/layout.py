@@ -84,9 +84,7 @@ class UnfoldFoldStatic(GraphPass):
     """
 
     name = "unfold_fold_static"
-    wanted_by = ("*",)
     fixes = ("Col2Im", "im2col", "col2im", "aten.im2col", "aten.col2im", "STABLEHLO_SCATTER")
-    order = 30
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         # Batched or unbatched: (B, C, H, W) / (C, H, W) images, (B, C*kh*kw, L) / (C*kh*kw, L) rows.
@@ -198,9 +196,7 @@ class PixelUnshuffleRank4(GraphPass):
     """
 
     name = "pixel_unshuffle_rank4"
-    wanted_by = ("*",)
     fixes = ("rank>4", "rank>5")
-    order = 31
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         shape = ctx.shape(node.args[0]) if is_op(node, aten.pixel_unshuffle) else None
@@ -548,9 +544,7 @@ class LowerRank(GraphPass):
     """
 
     name = "lower_rank"
-    wanted_by = ("*",)
     fixes = ("rank>4", "rank>5")
-    order = 35
 
     def __init__(self) -> None:
         self.notes: list[str] = []

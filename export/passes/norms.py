@@ -69,10 +69,8 @@ class DecomposeLayerNorm(GraphPass):
     """
 
     name = "decompose_layer_norm"
-    wanted_by = ("*:nnapi",)
     exact = True
     fixes = ("LayerNormalization", "layer_norm")
-    order = 56
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, aten.layer_norm) or not _statistics_dtype_ok(ctx, node.args[0]):
@@ -110,10 +108,8 @@ class DecomposeGroupNorm(GraphPass):
     """
 
     name = "decompose_group_norm"
-    wanted_by = ("*:nnapi", "tflite:gpu")
     exact = True
     fixes = ("InstanceNormalization", "GroupNormalization", "group_norm")
-    order = 56
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, aten.group_norm) or not _statistics_dtype_ok(ctx, node.args[0]):
@@ -146,10 +142,8 @@ class SumToMean(GraphPass):
     """
 
     name = "sum_to_mean"
-    wanted_by = ("*:nnapi",)
     exact = True
     fixes = ("ReduceSum", "SUM")
-    order = 57
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, aten.sum) or node.target not in (aten.sum.dim_IntList, aten.sum.default):
@@ -204,10 +198,8 @@ class FoldBatchNorm(GraphPass):
     """
 
     name = "fold_batchnorm"
-    wanted_by = ("*",)
     exact = True
     fixes = ("BatchNormalization", "batch_norm")
-    order = 20
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, aten.batch_norm) or len(node.args) < 8 or node.args[5] is not False:
@@ -285,10 +277,8 @@ class DecomposeVectorNorm(GraphPass):
     """
 
     name = "decompose_vector_norm"
-    wanted_by = ("*:nnapi", "onnx:coreml")
     exact = True
     fixes = ("ReduceL2", "linalg_vector_norm")
-    order = 57
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if node.target is not aten.linalg_vector_norm.default or node.kwargs.get("dtype") is not None:

@@ -73,9 +73,7 @@ class AdaptivePoolStatic(ViewRepairing, GraphPass):
     """
 
     name = "adaptive_pool_static"
-    wanted_by = ("*",)
     fixes = ("adaptive_avg_pool2d", "adaptive_avg_pool1d", "GatherND", "Where", "Gather", "GATHER_ND")
-    order = 25
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         val = ctx.val(node)
@@ -224,9 +222,7 @@ class UpsampleStatic(GraphPass):
     """
 
     name = "upsample_static"
-    wanted_by = ("onnx:nnapi", "onnx:coreml")
     fixes = ("Resize",)
-    order = 26
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, *_NEAREST_OPS):

@@ -34,9 +34,7 @@ class SplitFusedProjection(GraphPass):
     """
 
     name = "split_fused_projection"
-    wanted_by = ("tflite:xnnpack", "openvino:cpu")
     exact = True
-    order = 93  # after the layout passes; before fold_scale_into_linear and sink_slices, which then see q alone
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         if not is_op(node, aten.linear) or ctx.shape(node) is None or not node.users:

@@ -55,9 +55,7 @@ class NearestDownsampleSlice(GraphPass):
     """
 
     name = "nearest_downsample_slice"
-    wanted_by = ("tflite",)
     fixes = ("RESIZE_NEAREST_NEIGHBOR",)
-    order = 27
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         return is_op(node, *_NEAREST_OPS) and _strides(ctx, node) is not None

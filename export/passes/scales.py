@@ -74,8 +74,6 @@ class FoldScaleIntoLinear(GraphPass):
     """
 
     name = "fold_scale_into_linear"
-    wanted_by = ("*",)
-    order = 94
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         found = _scalar_operand(node)

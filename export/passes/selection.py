@@ -24,8 +24,6 @@ from edgevit.export.passes import register_pass
 from edgevit.export.passes.repairs import ViewRepairing
 from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, is_op
 
-_WANTED = ("onnx:nnapi", "onnx:coreml", "coreml", "tflite:gpu", "tflite:nnapi")
-
 # Ops that only move index values around: the position map of their output is the op applied to the
 # position map of their input (see _position_map).
 _INDEX_VIEWS = (aten.unsqueeze, aten.expand, aten.reshape, aten.view, aten._unsafe_view, aten.flatten,
@@ -166,11 +164,9 @@ class StaticGatherScatter(ViewRepairing, GraphPass):
     """
 
     name = "static_gather_scatter"
-    wanted_by = _WANTED
     exact = True
     fixes = ("GatherElements", "ScatterElements", "Gather", "gather", "gather_along_axis", "scatter",
              "scatter_along_axis", "GATHER", "SCATTER_ND")
-    order = 60
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         return is_op(node, aten.gather, aten.index_select, aten.scatter, aten.index) and ctx.shape(node) is not None
@@ -374,11 +370,9 @@ class StaticTopkSelect(GraphPass):
     """
 
     name = "static_topk_select"
-    wanted_by = _WANTED
     exact = True
     fixes = ("TopK", "topk", "TOPK_V2", "GatherElements", "ScatterElements", "gather_along_axis",
              "scatter_along_axis")
-    order = 61
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         return is_op(node, aten.topk) and ctx.shape(node.args[0]) is not None

@@ -189,8 +189,6 @@ class SinkSlices(GraphPass):
     """
 
     name = "sink_slices"
-    wanted_by = ("*",)
-    order = 95  # after every compatibility rewrite, so it sees (and keeps) the final op set
 
     def matches(self, ctx: PassContext, node: fx.Node) -> bool:
         return _is_slice(ctx, node)
