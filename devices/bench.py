@@ -205,8 +205,9 @@ def cache_key(model: str, input_size: int, device: Device, precision: str, passe
 
 
 def _converter_packages(target: str) -> list[str]:
-    return {"onnx": ["onnx", "onnxscript", "onnx-ir", "onnxruntime"], "coreml": ["coremltools"],
-            "tflite": ["litert-torch", "ai-edge-litert"], "openvino": ["openvino"]}[target]
+    from edgevit.export.backends import get_backend
+
+    return list(get_backend(target).packages)
 
 
 def _versions(packages: list[str]) -> dict[str, str]:

@@ -101,8 +101,6 @@ class TinyViT(nn.Module):
 # --- pipeline membership ----------------------------------------------------------------------
 
 def test_ane_passes_run_last_in_the_coreml_pipeline_only() -> None:
-    from edgevit.export.passes import get_pass
-
     pipe = list(default_pipeline("coreml", "ane"))
     # the norm pass sorts before the linear pass at the same order, so it still sees the linears
     assert [p for p in pipe if p in ANE] == ["ane_channel_layer_norm", "ane_linear_to_conv", "ane_cancel_transposes"]
