@@ -26,14 +26,15 @@ from pathlib import Path
 
 def verify_rows(models: list[str], precision: str, out: Path) -> list[dict]:
     from edgevit.export.isolated import export_in_child
+    from edgevit.export.options import ExportOptions
     from edgevit.registry import model_info
 
     rows = []
     for model in models:
         size = model_info(model).test_input_size
-        flags = ["--precision", precision, "--latency-runs", "0"] + (["--input-size", str(size)] if size else [])
+        options = ExportOptions(precision=precision, latency_runs=0, input_size=size or None)
         start = time.perf_counter()
-        manifest = export_in_child(model, "coreml", out / model, flags, timeout_s=1200)
+        manifest = export_in_child(model, "coreml", out / model, options, timeout_s=1200)
         row = {"model": model, "input_size": size or model_info(model).input_size,
                "seconds": round(time.perf_counter() - start, 1), "status": manifest["status"]}
         parity = manifest.get("parity") or {}
@@ -92,7 +93,7 @@ def executor_speed(runs: int) -> dict:
     import numpy as np
 
     from edgevit.api import export_model
-    from edgevit.devices.mil import MILExecutor, load_program
+    from edgevit.export.backends.coreml.mil import MILExecutor, load_program
 
     with tempfile.TemporaryDirectory() as tmp:
         result = export_model("mobilevit_v2_050", target="coreml", out=tmp, precision="fp16", verify=False)

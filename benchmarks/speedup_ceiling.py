@@ -1,4 +1,4 @@
-"""How far can a runtime beat PyTorch eager on a model? Its matrix multiplies say (devices/floor.py).
+"""How far can a runtime beat PyTorch eager on a model? Its matrix multiplies say (benchmarks/floor.py).
 
     python benchmarks/speedup_ceiling.py [--model deit_tiny] [--runs 60] [--rounds 12] [--repeat 1] [--goal 2.0]
                                          [--out DIR] [--json PATH]
@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))  # floor.py, beside this script
+from floor import builder_options  # noqa: E402
+
 
 FLOORS = ("linear floor", "matmul floor")
 
@@ -52,15 +55,15 @@ def export_floor(model: str, kind: str, chain: Any, device: str, where: Path, ti
 
 def _export_floor_here(name: str, device_name: str, calls: Path, where: Path) -> None:
     """The child's side: export (fp32, parity-checked); its row as JSON on stdout, converters' prints on stderr."""
-    from edgevit.devices.floor import LinearChain, call_from_list
+    from floor import LinearChain, call_from_list
     from edgevit.devices.table import get_device
 
     from edgevit.api import export_model
-    from edgevit.cli import _StdoutToStderr
+    from edgevit.export.isolated import StdoutToStderr
 
     device = get_device(device_name)
     chain = LinearChain([call_from_list(c) for c in json.loads(calls.read_text())]).eval()
-    with _StdoutToStderr():
+    with StdoutToStderr():
         result = export_model(chain, (chain.example_input(),), target=device.target, out=where,
                               precision=device.export_precision("fp32"), accelerator=device.accelerator,
                               name=name, latency_runs=0)
@@ -70,11 +73,11 @@ def _export_floor_here(name: str, device_name: str, calls: Path, where: Path) ->
 def model_floors(model: str) -> dict[str, Any]:
     """The zoo model's linear and matmul floors (LinearChains), at its default input size and seed 0;
     one capture: the linear floor is the matmul floor's Linear calls."""
-    from edgevit.devices.floor import LinearCall, LinearChain, exported_linear_calls
+    from floor import LinearCall, LinearChain, exported_linear_calls
 
-    from edgevit.api import _prepare_subject
+    from edgevit.export.subject import prepare_subject
 
-    subject = _prepare_subject(model, None, None, None, 0)
+    subject = prepare_subject(model, None, None, None, 0)
     calls = exported_linear_calls(subject.model, subject.example_inputs, matmuls=True)
     return {"linear floor": LinearChain([c for c in calls if isinstance(c, LinearCall)]).eval(),
             "matmul floor": LinearChain(calls).eval()}
@@ -101,7 +104,7 @@ def configs(model: str, floors: dict[str, Any], out: Path, threads: int | None) 
             if device.target is None:
                 artifact = None
                 options |= {"model": model, "input_size": size, "seed": 0}
-                options |= {"floor": [c.to_list() for c in floors[kind].calls]} if kind in floors else {}
+                options |= builder_options(floors[kind]) if kind in floors else {}
             elif kind == "model":
                 print(f"  export {model} -> {device.name} (cached after the first run)", file=sys.stderr)
                 exported = export_cached(model, size, device, device.export_precision("fp32"), opts)
@@ -218,7 +221,7 @@ def main() -> int:
         return 0
 
     from edgevit.devices.bench import _ALL_PACKAGES, _machine, _versions
-    from edgevit.devices.floor import adapters
+    from floor import adapters
     from edgevit.devices.harness import Protocol, measure
 
     floors = model_floors(args.model)

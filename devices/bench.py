@@ -220,6 +220,7 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
     ``artifact_path`` and ``cached``; or an error row ``{"status": "error", ...}``. A reference gives its
     ``input_shape`` and a file-name-safe ``name``."""
     from edgevit.export.isolated import export_in_child
+    from edgevit.export.options import ExportOptions
 
     key = cache_key(model, input_size, device, precision, opts.passes, input_shape)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -230,13 +231,13 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
         artifact = where / manifest["artifact"]["file"]
         if artifact.exists():
             return manifest | {"artifact_path": str(artifact), "cached": True, "cache_key": key}
-    flags = ["--latency-runs", "0", "--passes", opts.passes, "--precision", precision,
-             "--accelerator", device.accelerator]
-    flags += ["--input-shape", ",".join(map(str, input_shape))] if input_shape else ["--input-size", str(input_size)]
+    options = ExportOptions(precision=precision, latency_runs=0, passes=opts.passes, accelerator=device.accelerator,
+                            input_shape=tuple(input_shape) if input_shape else None,
+                            input_size=None if input_shape else input_size)
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=where.parent))
     try:
-        row = export_in_child(model, device.target, staging, flags, opts.export_timeout_s)
+        row = export_in_child(model, device.target, staging, options, opts.export_timeout_s)
     except BaseException:  # Ctrl-C, SIGTERM: the child is stopped; its half-made cache entry goes too
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -289,14 +290,14 @@ def _save_inputs(model: str, input_size: int, where: Path, input_shape: tuple[in
                  name: str | None = None) -> tuple[Path, int]:
     """The seeded example batch the exports were made with, as the workers' inputs.npz; the batch size.
     A reference gives its ``input_shape`` (and a file-name-safe ``name``): its batch needs no model."""
-    from edgevit.api import _prepare_subject
+    from edgevit.export.subject import prepare_subject
     from edgevit.references import example_inputs
 
     if input_shape is not None:
         tensors = example_inputs(model, input_shape)
         path = where / f"{name or model}-{'x'.join(map(str, input_shape))}.npz"
     else:
-        tensors = _prepare_subject(model, None, input_size, None, 0).example_inputs
+        tensors = prepare_subject(model, None, input_size, None, 0).example_inputs
         path = where / f"{model}-{input_size}.npz"
     where.mkdir(parents=True, exist_ok=True)
     arrays = [t.detach().numpy() for t in tensors]
@@ -326,12 +327,14 @@ def roofline(precisions: list[str], opts: BenchOptions, note: Progress, place: _
     return rows
 
 
-def run_bench(opts: BenchOptions, note: Progress = lambda msg, n: None) -> dict[str, Any]:
+def run_bench(opts: BenchOptions, note: Progress = lambda msg, n: None,
+              devices: list[Device] | None = None) -> dict[str, Any]:
     """The whole bench; returns the result document (see ``devices/report.py`` for its writers).
 
     Here, or on each of ``opts.remotes`` in turn: rounds interleave between the configurations of one
-    machine, never across machines (their ratios are not comparable side by side)."""
-    devices = check_options(opts)
+    machine, never across machines (their ratios are not comparable side by side). ``devices``: what
+    :func:`check_options` returned, when the caller checked the options already."""
+    devices = check_options(opts) if devices is None else devices  # the CLI checked them already
     opts.out.mkdir(parents=True, exist_ok=True)
     hosts, gemm, rows = [], [], []
     if not opts.remotes:
@@ -344,7 +347,7 @@ def run_bench(opts: BenchOptions, note: Progress = lambda msg, n: None) -> dict[
         gemm += host_gemm
         rows += host_rows
     return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": _machine(), "hosts": hosts, "versions": _versions(_ALL_PACKAGES),
+            "machine": _machine(), "hosts": hosts, "versions": _versions(_all_packages()),
             "options": _options_record(opts), "protocol": asdict(opts.protocol()), "gemm": gemm, "rows": rows}
 
 
@@ -442,7 +445,7 @@ def _model_configs(model: str, opts: BenchOptions, devices: list[Device], place:
             if place.host is not None:
                 local = Path(artifact)
                 artifact = f"a{index}/{local.name}"
-                files |= {f"a{index}/{p.name}": p for p in (local, *_companions(local))}
+                files |= {f"a{index}/{p.name}": p for p in (local, *_companions(device.target, local))}
         try:
             configs.append(_config(f"{bm.name} {device.name}", device, opts.precision, opts, artifact,
                                    inputs_at, bm.arg, size, meta, shape, place))
@@ -458,10 +461,12 @@ def _model_configs(model: str, opts: BenchOptions, devices: list[Device], place:
     return configs, skipped
 
 
-def _companions(artifact: Path) -> list[Path]:
-    """Files an artifact needs beside it (OpenVINO's .bin next to the .xml)."""
-    weights = artifact.with_suffix(".bin")
-    return [weights] if artifact.suffix == ".xml" and weights.exists() else []
+def _companions(target: str, artifact: Path) -> list[Path]:
+    """Files an artifact needs beside it (its backend's ``devices.companions``, e.g. weights next to a graph)."""
+    from edgevit.export.backends import get_backend
+
+    companions = getattr(get_backend(target).module("devices"), "companions", None)
+    return companions(artifact) if companions else []
 
 
 def _host_entry(name: str, address: str, facts: Facts) -> dict[str, Any]:
@@ -475,8 +480,12 @@ def _host_entry(name: str, address: str, facts: Facts) -> dict[str, Any]:
             "runtimes": runtimes}
 
 
-_ALL_PACKAGES = ["edgevit", "torch", "numpy", "onnx", "onnxruntime", "onnxscript", "coremltools", "litert-torch",
-                 "ai-edge-litert", "openvino", "tensorflow-cpu"]
+def _all_packages() -> list[str]:
+    """The packages whose versions a bench report records: edgevit's own, then each backend's."""
+    from edgevit.export.backends import BACKENDS
+
+    return ["edgevit", "torch", "numpy",
+            *(p for backend in BACKENDS.values() for p in backend.module("devices").REPORTED_PACKAGES)]
 
 
 def _rows(measured: list[Measurement], gemm_gflops: dict[str, float]) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The measurement harness: one worker process per configuration, timed blocks interleaved between them.
 
-Protocol (per configuration, each in its own process, see ``devices/worker.py``):
+Protocol (per configuration, each in its own process, see ``devices/worker.py``, run bundled):
 1. load the artifact (load time) and run it once (first-inference time);
 2. ``warmup`` untimed inferences;
 3. ``rounds`` rounds; in each, every live configuration runs one block (``block_warmup`` untimed
@@ -24,12 +24,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from edgevit.devices import stats
-
-WORKER = Path(__file__).with_name("worker.py")
+from edgevit.devices.worker_bundle import worker_file
 
 
 class WorkerFailure(Exception):
@@ -41,7 +39,8 @@ class WorkerFailure(Exception):
 
 
 def local_worker(label: str) -> list[str]:
-    return [sys.executable, str(WORKER), "serve"]
+    """The bundled worker (devices/worker_bundle.py), served by this Python."""
+    return [sys.executable, str(worker_file()), "serve"]
 
 
 class WorkerProcess:

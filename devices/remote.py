@@ -5,8 +5,9 @@ A remote is named ``ssh:[user@]host`` (a host or an alias from ~/.ssh/config), `
 (``devices/inventory.py``). The protocol needs nothing on the device but a Python 3.9+ with numpy and the
 runtimes to measure, ``sh`` and (over ssh) ``tar``:
 
-1. **open**: make a fresh directory (``WORKDIR/edgevit-<random>``), push ``worker.py`` (self-contained:
-   standard library + numpy + the runtime it measures) and run ``python worker.py probe`` there: its
+1. **open**: make a fresh directory (``WORKDIR/edgevit-<random>``), push ``worker.py`` (the bundled worker,
+   ``devices/worker_bundle.py``, self-contained: standard library + numpy + the runtime it measures) and
+   run ``python worker.py probe`` there: its
    answer (CPU, flags, runtimes, providers, OpenVINO devices, NPU/GPU nodes) decides the devices table
    of that machine, with the same probes as here (``devices/table.py``);
 2. **push** the artifacts and the inputs of a model (and, for PyTorch eager, edgevit's own source as a
@@ -41,7 +42,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from edgevit.devices.harness import WORKER, WorkerProcess
+from edgevit.devices.harness import WorkerProcess
+from edgevit.devices.worker_bundle import worker_file
 from edgevit.errors import EdgevitError
 
 EXIT_MARK = "edgevit-worker-exit:"  # the remote shell's last stderr line: the worker's exit status
@@ -302,7 +304,7 @@ class RemoteHost:
     def open(self, timeout_s: float = 180) -> dict[str, Any]:
         """Push the worker, probe the machine; its facts (``remote``: the address, ``name``)."""
         self._opened = True
-        self.push({"worker.py": WORKER})
+        self.push({"worker.py": worker_file()})
         proc = self.transport.shell(f"cd {shell_path(self.dir)} && {shell_path(self.spec.python)} worker.py probe",
                                     timeout_s)
         if proc.returncode != 0:

@@ -1,18 +1,22 @@
-"""Runners: load an exported artifact in its own runtime and run it on numpy inputs.
+"""Runners: load an exported artifact in its own runtime and run it on numpy inputs (parity).
 
-One runner per target (keyed like the targets table). Each reports the runtime's version and the
-precision the runtime says it computes in, so a silent bf16/fp16 switch is visible in manifests.
+A runner is the backend's session (``export/backends/<name>/session.py``, the same class the bench
+worker measures with) built as parity builds it (``for_parity``: e.g. OpenVINO forced to f32, Core ML
+on CPU_ONLY), plus a quick median. Its ``info`` reports the runtime's version and the precision the
+runtime says it computes in, so a silent bf16/fp16 switch is visible in manifests.
+
+Each target gets its own ``Runner`` subclass, named after its session class (``OnnxRuntimeSession`` ->
+``OnnxRuntimeRunner``) and reachable here by that name, so a caller or a test can reach one target's runners.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import platform
 import statistics
 import time
-from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -25,14 +29,20 @@ class Runner:
     """Base class: ``run(inputs) -> outputs`` on positional numpy inputs, plus ``info``."""
 
     target = ""
+    session_class: Any = None  # the backend's session class (``for_parity(path, threads)``)
+    unavailable: Any = ()  # the exception the session raises where it cannot run at all
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         self.path = Path(path)
         self.threads = threads or os.cpu_count() or 1
-        self.info: dict[str, Any] = {"threads": self.threads}
+        try:
+            self.session = self.session_class.for_parity(str(self.path), self.threads)
+        except self.unavailable as exc:
+            raise EdgevitError(str(exc)) from None
+        self.info: dict[str, Any] = self.session.info
 
     def run(self, inputs: Arrays) -> Arrays:
-        raise NotImplementedError
+        return self.session.run(inputs)
 
     def median_ms(self, inputs: Arrays, runs: int = 20, warmup: int = 3) -> float:
         """Median wall time of ``runs`` calls after ``warmup`` calls (a quick figure)."""
@@ -46,95 +56,52 @@ class Runner:
         return statistics.median(times)
 
 
-class OnnxRuntimeRunner(Runner):
-    target = "onnx"
+@functools.lru_cache(maxsize=None)
+def runner_class(target: str) -> type[Runner]:
+    """The ``Runner`` subclass of ``target``: its backend's session (the one of its ``RUNTIME``)."""
+    from edgevit.export.backends import get_backend
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        super().__init__(path, threads)
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.info |= {"runtime": "onnxruntime", "version": version("onnxruntime"), "provider": "CPUExecutionProvider"}
-
-    def run(self, inputs: Arrays) -> Arrays:
-        return list(self.session.run(None, dict(zip(self.names, inputs))))
+    module = get_backend(target).module("session")
+    session = module.SESSIONS[module.RUNTIME]
+    name = session.__name__.removesuffix("Session") + "Runner"
+    return type(name, (Runner,), {"__module__": __name__, "__doc__": f"{target}: {session.__name__} as parity builds it",
+                                  "target": target, "session_class": session,
+                                  "unavailable": getattr(module, "Unavailable", ())})
 
 
-class LiteRTRunner(Runner):
-    target = "tflite"
+class _Runners(Mapping[str, type[Runner]]):
+    """target -> its ``Runner`` class, for every backend (built when first asked for)."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        super().__init__(path, threads)
-        from ai_edge_litert.interpreter import Interpreter
+    def _targets(self) -> tuple[str, ...]:
+        from edgevit.export.backends import BACKENDS
 
-        self.interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
-        self.interpreter.allocate_tensors()
-        self.inputs = self.interpreter.get_input_details()
-        self.outputs = self.interpreter.get_output_details()
-        self.info |= {"runtime": "ai-edge-litert", "version": version("ai-edge-litert"), "delegate": "XNNPACK"}
+        return tuple(BACKENDS)
 
-    def run(self, inputs: Arrays) -> Arrays:
-        for detail, array in zip(self.inputs, inputs):
-            # LiteRT narrows int64 graph inputs to int32; feed what the interpreter declares.
-            self.interpreter.set_tensor(detail["index"], np.asarray(array, dtype=detail["dtype"]))
-        self.interpreter.invoke()
-        return [self.interpreter.get_tensor(d["index"]).copy() for d in self.outputs]
+    def __getitem__(self, target: str) -> type[Runner]:
+        if target not in self._targets():
+            raise KeyError(target)
+        return runner_class(target)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._targets())
 
-class OpenVINORunner(Runner):
-    target = "openvino"
-
-    def __init__(self, path: Path, threads: int | None = None, inference_precision: str = "f32") -> None:
-        super().__init__(path, threads)
-        import openvino as ov
-
-        config = {"INFERENCE_PRECISION_HINT": inference_precision, "INFERENCE_NUM_THREADS": self.threads}
-        self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        reported = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # e.g. "f32", "bf16"
-        self.info |= {
-            "runtime": "openvino",
-            "version": version("openvino"),
-            "device": "CPU",
-            "inference_precision_requested": inference_precision,
-            "inference_precision_reported": reported,
-        }
-
-    def run(self, inputs: Arrays) -> Arrays:
-        result = self.request.infer(inputs)
-        return [np.asarray(result[o]) for o in self.compiled.outputs]
+    def __len__(self) -> int:
+        return len(self._targets())
 
 
-class CoreMLRunner(Runner):
-    """Real Core ML prediction; only constructible on macOS."""
-
-    target = "coreml"
-
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        super().__init__(path, threads)
-        if platform.system() != "Darwin":
-            raise EdgevitError("Core ML prediction needs macOS; on Linux the .mlpackage is converted, not verified")
-        import coremltools as ct
-
-        self.model = ct.models.MLModel(str(self.path), compute_units=ct.ComputeUnit.CPU_ONLY)
-        spec = self.model.get_spec()
-        self.names = [d.name for d in spec.description.input]
-        self.output_names = [d.name for d in spec.description.output]
-        self.info |= {"runtime": "coreml", "version": version("coremltools"), "compute_units": "CPU_ONLY"}
-
-    def run(self, inputs: Arrays) -> Arrays:
-        result = self.model.predict(dict(zip(self.names, inputs)))
-        return [np.asarray(result[n]) for n in self.output_names]
-
-
-RUNNERS: dict[str, Callable[..., Runner]] = {
-    r.target: r for r in (OnnxRuntimeRunner, LiteRTRunner, OpenVINORunner, CoreMLRunner)
-}
+RUNNERS: Mapping[str, type[Runner]] = _Runners()
 
 
 def load_runner(target: str, path: Path, threads: int | None = None) -> Runner:
     """The runner for ``target`` with the artifact at ``path`` loaded."""
     return RUNNERS[target](path, threads)
+
+
+def __getattr__(name: str) -> type[Runner]:
+    """A target's ``Runner`` class by its name (e.g. ``CoreMLRunner``, ``OnnxRuntimeRunner``)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    for target in RUNNERS:
+        if runner_class(target).__name__ == name:
+            return runner_class(target)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

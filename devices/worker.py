@@ -1,8 +1,11 @@
 """The measurement worker: loads one artifact in its runtime and times it, in its own process.
 
-This file is self-contained on purpose (standard library + numpy + the runtime it measures; no
-edgevit import except for the PyTorch-eager baseline): the remote protocol pushes it, with the artifact
-and the inputs, to another machine and runs it there (docs in ``devices/remote.py``). Two modes:
+Run as one self-contained file (standard library + numpy + the runtime it measures; no edgevit import
+except for the PyTorch-eager baseline): ``devices/worker_bundle.py`` writes this file with the backends'
+session modules (``export/backends/<name>/session.py``) bundled in, and that file is what the local
+harness runs and what the remote protocol pushes, with the artifact and the inputs, to another machine
+(docs in ``devices/remote.py``). Imported from edgevit (the in-process probe), it imports those modules
+from the backends instead. Three modes:
 
 * ``python worker.py serve`` — JSON lines on stdin/stdout; the local harness keeps one worker per
   configuration alive and interleaves timed blocks between them (A B A B ...).
@@ -13,10 +16,11 @@ and the inputs, to another machine and runs it there (docs in ``devices/remote.p
 
 ``serve`` is also what a remote device runs, over ssh or adb (``devices/remote.py``).
 
-A config is a JSON object: ``runtime`` (onnxruntime, litert, openvino, coreml, torch, gemm, fake),
-``artifact`` (path), ``inputs`` (an .npz whose arrays are the positional inputs, in ``arr_0..`` order),
-``threads``, ``options`` (runtime-specific: providers, delegate, device, hint, inference precision,
-compute units) and ``profile`` (bool). Times are in milliseconds, measured with ``perf_counter``.
+A config is a JSON object: ``runtime`` (a key of :data:`SESSIONS`: each backend's runtime, and torch,
+gemm, fake), ``artifact`` (path), ``inputs`` (an .npz whose arrays are the positional inputs, in
+``arr_0..`` order), ``threads``, ``options`` (runtime-specific: providers, delegate, device, hint,
+inference precision, compute units) and ``profile`` (bool). Times are in milliseconds, measured with
+``perf_counter``.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 from typing import Any, Callable
 
 try:
@@ -71,10 +75,13 @@ def load_inputs(path: str) -> list[np.ndarray]:
         return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
-# --- runtimes ------------------------------------------------------------------------------------
+# --- sessions: the PyTorch baseline, the GEMM probe, the harness's fake (the backends' come below) ---
 
 class Session:
-    """One loaded artifact: ``run(inputs)``, ``info`` (versions, threads, precision as reported)."""
+    """One loaded artifact: ``run(inputs)``, ``info`` (versions, threads, precision as reported).
+
+    The backends' session classes (``export/backends/<name>/session.py``) have the same interface
+    without deriving from this class: they are self-contained files of their own."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -104,200 +111,18 @@ def top_ops(totals: dict[str, float], counts: dict[str, int], runs: int, limit: 
     return sorted(rows, key=lambda r: -r["ms_per_run"])[:limit]
 
 
-class OnnxRuntimeSession(Session):
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        if config.get("profile"):
-            opts.enable_profiling = True
-            opts.profile_file_prefix = os.path.join(os.path.dirname(os.path.abspath(config["artifact"])), "ort_profile")
-        providers = self.options.get("providers", ["CPUExecutionProvider"])
-        self.session = ort.InferenceSession(config["artifact"], opts, providers=providers)
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.runs = 0
-        self.info |= {"runtime": "onnxruntime", "version": package_version("onnxruntime"),
-                      "providers": self.session.get_providers(),
-                      "precision": _onnx_precision(config["artifact"])}
-
-    def run(self, inputs: list[np.ndarray]) -> Any:
-        self.runs += 1
-        return self.session.run(None, dict(zip(self.names, inputs)))
-
-    def compute_precision(self, inputs: list[np.ndarray]) -> str:
-        if self.info["precision"] != "fp16":
-            return self.info["precision"]
-        return _ort_matmul_precision(self.config["artifact"], self.session.get_providers(), self.threads,
-                                     dict(zip(self.names, inputs)))
-
-    def profile(self) -> list[dict[str, Any]]:
-        path = self.session.end_profiling()
-        if not path:
-            return []
-        events = _ort_kernel_events(path)
-        os.remove(path)
-        totals: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for e in events:
-            op = e.get("args", {}).get("op_name", "?")
-            totals[op] = totals.get(op, 0.0) + e.get("dur", 0) / 1e3
-            counts[op] = counts.get(op, 0) + 1
-        return top_ops(totals, counts, self.runs)
-
-
-def _ort_kernel_events(path: str) -> list[dict[str, Any]]:
-    """The per-kernel events of an onnxruntime profile JSON (one per node run; args: op_name, input types)."""
-    with open(path) as fh:
-        events = json.load(fh)
-    return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
-
-
-_MATMUL_OPS = ("MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "NchwcConv", "Attention",
-               "MultiHeadAttention")
-
-
-def _ort_matmul_precision(path: str, providers: list[str], threads: int, feeds: dict[str, np.ndarray]) -> str:
-    """What an fp16 graph's matrix multiplies run in: onnxruntime's CPU provider has no fp16 GEMM on most
-    CPUs and wraps such nodes in inserted Casts to float. One profiled inference in a throwaway session
-    reads the element type of each matmul-like kernel's first input."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "precision")
-        session = ort.InferenceSession(path, opts, providers=providers)
-        session.run(None, feeds)
-        events = _ort_kernel_events(session.end_profiling())
-    kinds = set()
-    for e in events:
-        args = e.get("args", {})
-        if args.get("op_name") in _MATMUL_OPS and args.get("input_type_shape"):
-            kinds.add(next(iter(args["input_type_shape"][0])))
-    named = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-    found = {named.get(k, k) for k in kinds}
-    return found.pop() if len(found) == 1 else ("mixed" if found else "unknown")
-
-
-def _onnx_precision(path: str) -> str:
-    """fp16 if the graph carries float16 initializers, else fp32 (what onnxruntime computes in)."""
-    try:
-        import onnx
-
-        model = onnx.load(path, load_external_data=False)
-        fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-        return "fp16" if fp16 else "fp32"
-    except Exception:  # precision is informative; a reading failure must not stop the measurement
-        return "unknown"
-
-
-def _litert_module() -> tuple[Any, str]:
-    """LiteRT's interpreter module and its package: ai-edge-litert, else the older tflite-runtime wheel."""
-    try:
-        from ai_edge_litert import interpreter
-
-        return interpreter, "ai-edge-litert"
-    except ImportError:
-        from tflite_runtime import interpreter  # type: ignore[no-redef]
-
-        return interpreter, "tflite-runtime"
-
-
-class LiteRTSession(Session):
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
-        litert, package = _litert_module()
-        delegate = self.options.get("delegate", "xnnpack")
-        kwargs: dict[str, Any] = {"model_path": config["artifact"], "num_threads": self.threads}
-        if delegate == "none":
-            kwargs["experimental_op_resolver_type"] = litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        elif delegate != "xnnpack":  # the default delegate of the interpreter is XNNPACK
-            kwargs["experimental_delegates"] = [litert.load_delegate(self.options["delegate_library"])]
-        self.interpreter = litert.Interpreter(**kwargs)
-        self.interpreter.allocate_tensors()
-        self.inputs = self.interpreter.get_input_details()
-        self.outputs = self.interpreter.get_output_details()
-        dtypes = {str(d["dtype"].__name__) for d in self.interpreter.get_tensor_details()
-                  if d["dtype"] in (np.float16, np.float32)}
-        self.info |= {"runtime": "litert", "package": package, "version": package_version(package), "delegate": delegate,
-                      "precision": "fp16 weights" if "float16" in dtypes else "fp32"}
-
-    def compute_precision(self, inputs: list[np.ndarray]) -> str:
-        # XNNPACK (and LiteRT's reference kernels) dequantize fp16 weights to fp32 at preparation and compute
-        # in fp32 unless the delegate's FORCE_FP16 flag is set, which the interpreter's Python API does not
-        # set; a GPU/NNAPI delegate chooses for itself and does not say.
-        return "fp32" if self.info["delegate"] in ("xnnpack", "none") else "unknown"
-
-    def run(self, inputs: list[np.ndarray]) -> Any:
-        for detail, array in zip(self.inputs, inputs):
-            self.interpreter.set_tensor(detail["index"], np.asarray(array, dtype=detail["dtype"]))
-        self.interpreter.invoke()
-        return [self.interpreter.get_tensor(d["index"]) for d in self.outputs]
-
-
-class OpenVINOSession(Session):
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
-        import openvino as ov
-
-        device = self.options.get("device", "CPU")
-        requested = self.options.get("inference_precision", "f32")
-        props = {"INFERENCE_PRECISION_HINT": requested, "INFERENCE_NUM_THREADS": self.threads,
-                 "PERFORMANCE_HINT": self.options.get("hint", "LATENCY")}
-        if config.get("profile"):
-            props["PERF_COUNT"] = True
-        self.compiled = ov.Core().compile_model(config["artifact"], device, props)
-        self.request = self.compiled.create_infer_request()
-        self.info |= {"runtime": "openvino", "version": package_version("openvino"), "device": device,
-                      "hint": str(self.compiled.get_property("PERFORMANCE_HINT")),
-                      "inference_precision_requested": requested,
-                      "precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
-
-    def run(self, inputs: list[np.ndarray]) -> Any:
-        return self.request.infer(inputs)
-
-    def compute_precision(self, inputs: list[np.ndarray]) -> str:
-        return {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}.get(self.info["precision"], "unknown")
-
-    def profile(self) -> list[dict[str, Any]]:
-        totals: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for info in self.request.get_profiling_info():  # the last inference's counters
-            if info.status.name != "EXECUTED":
-                continue
-            kind = f"{info.node_type} ({info.exec_type})"
-            totals[kind] = totals.get(kind, 0.0) + info.real_time.total_seconds() * 1e3
-            counts[kind] = counts.get(kind, 0) + 1
-        return top_ops(totals, counts, 1)
-
-
-class CoreMLSession(Session):
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
-        if platform.system() != "Darwin":
-            raise RuntimeError("Core ML prediction needs macOS")
-        import coremltools as ct
-
-        units = self.options.get("compute_units", "ALL")
-        self.model = ct.models.MLModel(config["artifact"], compute_units=getattr(ct.ComputeUnit, units))
-        spec = self.model.get_spec()
-        self.names = [d.name for d in spec.description.input]
-        self.info |= {"runtime": "coreml", "version": package_version("coremltools"), "compute_units": units,
-                      "precision": "fp16" if "fp16" in config["artifact"] else "as converted"}
-
-    def run(self, inputs: list[np.ndarray]) -> Any:
-        return self.model.predict(dict(zip(self.names, inputs)))
+def _built_model(options: dict[str, Any]) -> Any:
+    """``options["builder"]`` ("module:function", found in ``options["builder_path"]``) called with the options."""
+    module_name, _, function = options["builder"].partition(":")
+    sys.path.insert(0, os.path.abspath(options.get("builder_path") or "."))
+    return getattr(__import__(module_name, fromlist=[function]), function)(options)
 
 
 class TorchEagerSession(Session):
     """The PyTorch eager baseline: the zoo model rebuilt here (same name, input size and seed).
 
-    Option ``floor: [[rows, in, out, bias] | ["matmul", batch, m, k, n], ...]`` times that floor instead
-    (devices/floor.py: the recorded calls, replayed with weights seeded by ``seed``).
+    Option ``builder: "module:function"`` (with ``builder_path``, the folder that module is in) times the
+    model ``function(options)`` returns instead: code outside edgevit, e.g. the benchmarks' floors.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -309,20 +134,18 @@ class TorchEagerSession(Session):
         if source:  # a remote device: edgevit's model code came as a zip beside this file, and takes precedence
             sys.path.insert(0, os.path.abspath(source))
             self.info["edgevit_source"] = source
-        from edgevit.api import _prepare_subject
+        from edgevit.export.subject import prepare_subject
 
         opts = self.options
         seed = int(opts.get("seed", 0))
-        if opts.get("floor"):  # the calls were recorded once by the caller; rebuilding them means a capture
-            from edgevit.devices.floor import LinearChain, call_from_list
-
-            self.model = LinearChain([call_from_list(c) for c in opts["floor"]], seed).eval()
+        if opts.get("builder"):
+            self.model = _built_model(opts).eval()
         else:
             # a reference (Hugging Face folder, module:factory) comes with its shape; the values do not matter,
             # the timed inputs are the saved batch
             shape = opts.get("input_shape")
             example = torch.zeros(shape) if shape else None
-            self.model = _prepare_subject(opts["model"], example, opts.get("input_size"), None, seed).model
+            self.model = prepare_subject(opts["model"], example, opts.get("input_size"), None, seed).model
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.get("precision", "fp32")]
         if self.dtype != torch.float32:
             self.model = self.model.to(self.dtype)
@@ -474,9 +297,41 @@ class FakeSession(Session):
         return top_ops({"Sleep": self.calls * float(self.options.get("ms", 1.0))}, {"Sleep": self.calls}, self.calls)
 
 
-SESSIONS: dict[str, Callable[[dict[str, Any]], Session]] = {
-    "onnxruntime": OnnxRuntimeSession, "litert": LiteRTSession, "openvino": OpenVINOSession,
-    "coreml": CoreMLSession, "torch": TorchEagerSession, "gemm": GemmSession, "fake": FakeSession,
+# --- the backends' sessions ------------------------------------------------------------------------
+
+#: backend name -> the source of its session module; filled in by devices/worker_bundle.py (empty when
+#: this file is imported from edgevit, which then imports those modules from the backends)
+BUNDLED: dict[str, str] = {}
+
+
+def session_modules() -> list[ModuleType]:
+    """The backends' session modules, in the registry's order. Each declares ``RUNTIME`` (its key here
+    and in a machine's facts), ``SESSIONS`` (runtime key -> class, instances duck-typed like
+    :class:`Session`), ``PACKAGES`` (``(module, package, import it)`` to probe) and optionally
+    ``probe_facts()`` (``facts[RUNTIME]``)."""
+    if not BUNDLED:
+        from edgevit.export.backends import BACKENDS
+
+        return [backend.module("session") for backend in BACKENDS.values()]
+    return [_bundled_module(name, source) for name, source in BUNDLED.items()]
+
+
+def _bundled_module(name: str, source: str) -> ModuleType:
+    import linecache
+
+    filename = f"<bundled export/backends/{name}/session.py>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # for tracebacks
+    module = ModuleType(f"edgevit_worker_{name}_session")
+    module.__file__ = filename
+    sys.modules[module.__name__] = module
+    exec(compile(source, filename, "exec"), module.__dict__)
+    return module
+
+
+SESSION_MODULES = session_modules()
+SESSIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    **{key: cls for module in SESSION_MODULES for key, cls in module.SESSIONS.items()},
+    "torch": TorchEagerSession, "gemm": GemmSession, "fake": FakeSession,
 }
 
 
@@ -611,17 +466,14 @@ def probe() -> dict[str, Any]:
         "executable": sys.executable, "android": _is_android()}}
     facts["cpu"] = _cpu_facts()
     facts["accelerator_nodes"] = _accelerator_nodes()
-    darwin = platform.system() == "Darwin"
-    # runtimes are imported (a broken install shows); torch, and coremltools off macOS, are only looked up:
-    # importing them costs seconds and tells the devices table nothing more
-    facts["packages"] = {name: _package_state(module, name, load) for module, name, load in (
-        ("numpy", "numpy", True), ("torch", "torch", False), ("onnxruntime", "onnxruntime", True),
-        ("openvino", "openvino", True), ("coremltools", "coremltools", darwin),
-        ("ai_edge_litert", "ai-edge-litert", True), ("tflite_runtime", "tflite-runtime", True))}
-    facts["onnxruntime"] = _guarded(lambda: {"providers": __import__("onnxruntime").get_available_providers()})
-    facts["openvino"] = _guarded(_openvino_facts)
-    gpu = os.environ.get("EDGEVIT_TFLITE_GPU_DELEGATE", "")
-    facts["litert"] = {"gpu_delegate": gpu, "gpu_delegate_exists": bool(gpu) and os.path.exists(gpu)}
+    # runtimes are imported (a broken install shows); torch (and what a backend marks so) is only looked up:
+    # importing it costs seconds and tells the devices table nothing more
+    packages = [("numpy", "numpy", True), ("torch", "torch", False)]
+    packages += [entry for module in SESSION_MODULES for entry in module.PACKAGES]
+    facts["packages"] = {name: _package_state(module, name, load) for module, name, load in packages}
+    for module in SESSION_MODULES:  # what each runtime reaches: providers, devices, delegates
+        if hasattr(module, "probe_facts"):
+            facts[module.RUNTIME] = _guarded(module.probe_facts)
     return facts
 
 
@@ -649,19 +501,6 @@ def _guarded(read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return read()
     except Exception as exc:  # the runtime is missing or broken: _package_state says which
         return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
-
-
-def _openvino_facts() -> dict[str, Any]:
-    import openvino as ov
-
-    core = ov.Core()
-    names = {}
-    for device in core.available_devices:
-        try:
-            names[device] = str(core.get_property(device, "FULL_DEVICE_NAME"))
-        except Exception:  # some plugins refuse properties without their driver; the name is informative only
-            names[device] = ""
-    return {"devices": list(core.available_devices), "names": names}
 
 
 def _cpu_facts() -> dict[str, Any]:

@@ -218,12 +218,12 @@ def fingerprint(ref: str) -> dict[str, Any]:
 
 def _resolve_zoo(name: str, input_shape: Sequence[int] | None, weights: str | os.PathLike | None,
                  input_size: int | None, seed: int) -> ResolvedModel:
-    from edgevit.api import _prepare_subject  # the zoo path stays exactly export_model's
+    from edgevit.export.subject import prepare_subject  # the zoo path stays exactly export_model's
 
     if input_shape is not None:
         raise EdgevitError(f"--input-shape applies to a Hugging Face folder or a module:factory; "
                            f"zoo model '{name}' takes --input-size")
-    subject = _prepare_subject(name, None, input_size, None, seed, weights)
+    subject = prepare_subject(name, None, input_size, None, seed, weights)
     info = subject.info
     return ResolvedModel(subject.model, subject.example_inputs, subject.name, "zoo", info.name, f"zoo:{info.name}",
                          info.mean, info.std, Path(weights) if weights else None, info)

@@ -1,8 +1,10 @@
 """Exports in a child process: a converter that crashes or hangs costs one row, not the whole run.
 
-The child is ``edgevit export MODEL --target T --out DIR --in-process FLAGS``, which prints its
-manifest as JSON on stdout (converters' own prints go to stderr). Used by ``edgevit export``,
-``edgevit inspect`` and ``edgevit bench``.
+The child is ``edgevit export MODEL --target T --out DIR --in-process``, which prints its manifest as
+JSON on stdout (converters' own prints go to stderr). Its options come from the parent, checked there
+once, as an :class:`~edgevit.export.options.ExportOptions` in JSON (the environment variable
+``EDGEVIT_EXPORT_OPTIONS``: :func:`take_child_options`); without it the child reads its command-line flags
+and checks them. Used by ``edgevit export``, ``edgevit inspect`` and ``edgevit bench``.
 
 No child outlives its export: the parent stops it (SIGTERM, then SIGKILL) on timeout, Ctrl-C or SIGTERM;
 the child (:func:`guard_child`) dies with its parent (PR_SET_PDEATHSIG, plus a watchdog thread) and keeps
@@ -19,34 +21,44 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+from edgevit.export.options import ExportOptions
 
 TARGET_TIMEOUT_S = 1800
 GRACE_S = 10.0  # a child told to stop (SIGTERM) gets this long to clean up before SIGKILL
 PARENT_ENV = "EDGEVIT_EXPORT_PARENT"  # set for the child: the PID it must not outlive
 DEADLINE_ENV = "EDGEVIT_EXPORT_DEADLINE"  # set for the child: epoch seconds it must be done by
+OPTIONS_ENV = "EDGEVIT_EXPORT_OPTIONS"  # set for the child: its ExportOptions as JSON, checked by the parent
 _PR_SET_PDEATHSIG = 1
 _parent_pid: int | None = None  # in an export child: the parent's PID
 _stopping: str | None = None  # in an export child: why the watchdog is stopping it
 
 
-def export_command(model: str, target: str, out: Path, flags: Sequence[str]) -> list[str]:
+def export_command(model: str, target: str, out: Path, flags: Sequence[str] = ()) -> list[str]:
+    """The export child's command line (its options travel as JSON, see :func:`export_in_child`)."""
     return [sys.executable, "-m", "edgevit.cli", "export", model, "--target", target, "--out", str(out),
             "--in-process", *flags]
 
 
-def export_in_child(model: str, target: str, out: Path, flags: Sequence[str],
+def export_in_child(model: str, target: str, out: Path, options: ExportOptions,
                     timeout_s: float = TARGET_TIMEOUT_S, echo_stderr: bool = False) -> dict[str, Any]:
     """The child's manifest (plus ``artifact_path``), or an error row ``{"status": "error", ...}``.
-    ``echo_stderr`` copies the child's stderr (the converters' output with ``--verbose``) to ours."""
-    return run_export_child(export_command(model, target, out, flags), model, target, timeout_s, echo_stderr)
+
+    ``options`` are the parent's, already checked (:meth:`ExportOptions.check`): the child gets them as
+    JSON and does not check them again. ``echo_stderr`` copies the child's stderr (the converters' output
+    with ``verbose``) to ours."""
+    cmd, env = export_command(model, target, out), {OPTIONS_ENV: options.to_json()}
+    return run_export_child(cmd, model, target, timeout_s, echo_stderr, env)
 
 
 def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float = TARGET_TIMEOUT_S,
-                     echo_stderr: bool = False) -> dict[str, Any]:
+                     echo_stderr: bool = False, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Run one export child; on timeout, Ctrl-C or SIGTERM here it is stopped (SIGTERM, then SIGKILL)
-    before this returns or re-raises, so no child outlives the export and its staging folder goes too."""
-    env = {**os.environ, PARENT_ENV: str(os.getpid()), DEADLINE_ENV: f"{time.time() + timeout_s:.3f}"}
+    before this returns or re-raises, so no child outlives the export and its staging folder goes too.
+    ``env`` is added to the child's environment."""
+    env = {k: v for k, v in os.environ.items() if k != OPTIONS_ENV} | dict(env or {}) | {
+        PARENT_ENV: str(os.getpid()), DEADLINE_ENV: f"{time.time() + timeout_s:.3f}"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             stdin=subprocess.DEVNULL)
     try:
@@ -153,6 +165,27 @@ def _watchdog(parent: int, deadline: float | None, poll_s: float = 0.5) -> None:
             time.sleep(GRACE_S)
             os._exit(128 + signal.SIGTERM)  # stuck in native code: give up on cleanup (the next export sweeps)
         time.sleep(poll_s)
+
+
+def take_child_options() -> ExportOptions | None:
+    """In an export child: the options the parent checked and sent (removed from the environment, so the
+    converters' own processes do not see them); None when started without them (flags on the command line)."""
+    text = os.environ.pop(OPTIONS_ENV, None)
+    return ExportOptions.from_json(text) if text else None
+
+
+class StdoutToStderr:
+    """Send everything written to fd 1 (converters print from C++ too) to stderr, so stdout stays JSON."""
+
+    def __enter__(self) -> None:
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+
+    def __exit__(self, *args: object) -> None:
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
 
 
 def check_parent_alive() -> None:

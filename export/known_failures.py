@@ -13,11 +13,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 }
 
 
-def known_failure(model: str, target: str) -> str | None:
-    """The recorded reason ``model`` fails on ``target``, or None if it is expected to pass."""
-    return KNOWN_FAILURES.get((model, target))
-
-
 # Third-party model code (tests/test_third_party.py: transformers' vision models and other code bases'
 # idioms): (corpus name, target) -> the converter's own error. Read the same way as KNOWN_FAILURES.
 THIRD_PARTY_KNOWN_FAILURES: dict[tuple[str, str], str] = {}

@@ -1,5 +1,8 @@
 """Manifests and atomic file placement.
 
+:func:`build_manifest` writes down what one export made (the last step of the pipeline,
+:mod:`edgevit.export.pipeline`); :func:`passes_record` is its account of the pass pipeline.
+
 An export is assembled in a hidden temporary directory beside its destination and moved in with
 ``os.replace``; ``manifest.json`` is written last (also via replace), so a directory holding a manifest
 holds a finished export and a crash leaves nothing that looks finished.
@@ -16,12 +19,19 @@ import platform
 import shutil
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from edgevit.errors import EdgevitError
+
+if TYPE_CHECKING:
+    from edgevit.export.parity import ParityReport
+    from edgevit.export.passes import PipelineResult
+    from edgevit.export.subject import Subject
+    from edgevit.export.targets import Target
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -225,3 +235,101 @@ def is_no_space(exc: BaseException | None) -> bool:
 def no_space_message(where: Path, need_bytes: int) -> str:
     need_mb = max(1, math.ceil(need_bytes / 2**20))
     return f"no space left on {where}: need about {need_mb} MB"
+
+
+# --- the manifest's content -----------------------------------------------------------------------
+
+def build_manifest(
+    tgt: "Target",
+    subject: "Subject",
+    precision: str,
+    accelerator: str,
+    artifact: Path,
+    files: list[Path],
+    parity: "ParityReport",
+    outputs: list[Any],
+    names: list[str],
+    passes: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest of one export: model, inputs, outputs (``outputs``: the model's flattened outputs on
+    the example inputs, named ``names``), target, pipeline (``passes``: :func:`passes_record`), artifact
+    files with their hashes, parity, and the versions of everything involved."""
+    import edgevit
+
+    info, ref = subject.info, subject.reference
+    return {
+        "schema": SCHEMA_VERSION,
+        "status": parity.status,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": subject.name,
+            "source": "zoo" if info else (ref.kind if ref else "user"),
+            **({"reference": ref.source} if ref else {}),  # the folder or module:factory it was built from
+            "family": info.family if info else None,
+            "variant": info.extra if info else None,
+            "paper": info.paper if info else None,
+            "params": info.params if info else sum(p.numel() for p in subject.model.parameters()),
+            "macs": info.macs if info else None,
+            "weights": ref.weights_record(subject.seed) if ref
+            else {"path": str(subject.weights), "sha256": sha256_of(subject.weights)} if subject.weights
+            else (f"random, seed {subject.seed}, every parameter exercised" if info else "user module"),
+        },
+        "inputs": [
+            {"name": f"input_{i}", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for i, t in enumerate(subject.example_inputs)
+        ],
+        "normalisation": {"mean": info.mean, "std": info.std} if info
+        else ({"mean": list(ref.mean), "std": list(ref.std)} if ref and ref.mean else None),
+        "outputs": [{"name": n, "shape": list(t.shape)} for n, t in zip(names, outputs)],
+        "target": tgt.name,
+        "precision": precision,
+        "converter": tgt.converter,
+        "runtime": tgt.runtime,
+        "accelerator": accelerator,
+        "passes": passes,
+        "artifact": {
+            "file": artifact.name,
+            "sha256": sha256_of(artifact),
+            "files": {f.name: sha256_of(f) for f in files},
+            "bytes": sum(_size(f) for f in files),
+        },
+        "parity": parity.to_dict(),
+        "versions": {"edgevit": edgevit.__version__} | tgt.converter_module().versions() | host_info(),
+    }
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def passes_record(
+    requested: str | Sequence[str] | None,
+    names: tuple[str, ...],
+    pipeline: "PipelineResult",
+    parity: "ParityReport",
+    without: dict[str, Any] | None,
+    rollback: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest's account of the pipeline: what ran, where it rewrote, and what it cost."""
+    spec = requested if isinstance(requested, str) or requested is None else ",".join(requested)
+    with_passes = parity.worst("max_abs_err")
+    approximate = approximations(pipeline)
+    return {
+        "requested": spec or "auto",
+        "pipeline": list(names),
+        "applied": [r.to_dict() for r in pipeline.reports],
+        "sites_total": sum(r.sites for r in pipeline.reports),
+        "approximations": approximate,  # non-exact passes that rewrote something
+        "parity_reference": "rewritten graph (approximate passes applied)" if approximate else "model",
+        "parity_cost": {
+            "graph_max_abs_change": pipeline.max_abs_change,  # rewritten graph vs the model, in PyTorch
+            "artifact_max_abs_with_passes": with_passes,
+            "without_passes": without,  # only with compare_without_passes
+        },
+        "rollback": rollback,  # the pipeline rolled back as a whole (see pipeline.Build.with_fallback)
+    }
+
+
+def approximations(pipeline: "PipelineResult") -> list[str]:
+    """The non-exact passes that rewrote something: parity is then measured against the rewritten graph."""
+    return [r.name for r in pipeline.reports if r.sites and not r.exact]

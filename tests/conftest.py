@@ -53,13 +53,13 @@ def executor_vs_onnxruntime() -> Callable[..., object]:
     def check(coreml_artifact, onnx_artifact, precision: str, seed: int = 0):
         import numpy as np
 
-        from edgevit.devices.mil import MILExecutor, load_program
+        from edgevit.export.backends.coreml.mil import MILExecutor, load_program
         from edgevit.devices.runtimes import load_runner
         from edgevit.export.parity import compare
 
         program = load_program(coreml_artifact)
         runner = load_runner("onnx", onnx_artifact)
-        shape = runner.session.get_inputs()[0].shape
+        shape = runner.session.session.get_inputs()[0].shape  # the onnxruntime InferenceSession
         x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
         return compare([runner.run([x])], [MILExecutor(program, "fp32").run([x])], program.outputs, precision)
 

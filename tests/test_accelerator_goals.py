@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edgevit.api import export_model
-from edgevit.devices.coverage import coverage, render
+from edgevit.export.coverage import coverage, render
 
 pytestmark = pytest.mark.slow
 

@@ -115,12 +115,15 @@ def test_wheel_maps_export_and_devices_into_the_package(tmp_path) -> None:
     wheel = next((tmp_path / "dist").glob("edgevit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "edgevit/export/targets.py" in names and "edgevit/devices/runtimes.py" in names
-    assert "edgevit/export/passes/base.py" in names and "edgevit/export/passes/ane_attention.py" in names
-    assert "edgevit/devices/worker.py" in names and "edgevit/devices/mil/executor.py" in names
+    assert "edgevit/export/passes/base.py" in names and "edgevit/export/pipeline.py" in names
+    assert "edgevit/export/backends/coreml/passes/ane_split_heads.py" in names
+    assert "edgevit/devices/worker.py" in names and "edgevit/export/backends/coreml/mil/executor.py" in names
+    assert "edgevit/cli/__init__.py" in names and "edgevit/cli/__main__.py" in names  # the entry point's package
     assert not any(n.startswith(("export/", "devices/")) for n in names)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True)
-    probe = "import edgevit.export.targets as t, edgevit.devices.runtimes as r; print(t.__file__); print(r.__file__)"
+    probe = ("import edgevit.export.targets as t, edgevit.devices.runtimes as r, edgevit.cli.export as c; "
+             "print(t.__file__); print(r.__file__); print(c.__file__)")
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
     assert all(line.startswith(str(tmp_path / "site")) for line in out.stdout.split())

@@ -12,19 +12,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgevit.devices import coverage as cov_mod
-from edgevit.devices.coverage import (
-    Coverage,
-    count_partitions,
-    coverage,
-    coreml_coverage,
-    fixes_for,
-    onnx_ep_coverage,
-    openvino_coverage,
-    render,
-    tflite_coverage,
-)
 from edgevit.errors import EdgevitError
+from edgevit.export.backends.coreml.coverage import coreml_coverage
+from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
+from edgevit.export.backends.openvino.coverage import openvino_coverage
+from edgevit.export.backends.tflite import coverage as tflite_cov
+from edgevit.export.backends.tflite.coverage import tflite_coverage
+from edgevit.export.coverage import Coverage, count_partitions, coverage, fixes_for, render
 from edgevit.export.capture import capture
 from edgevit.export.passes import PASSES, GraphPass
 from edgevit.export.targets import get_target
@@ -182,7 +176,7 @@ def test_gpu_analyzer_warnings_are_attached_to_their_op() -> None:
         "  Op#0 CUMSUM(T#0) -> [T#1]",
         "GPU COMPATIBILITY WARNING: ignored, not the main subgraph",
     ])
-    assert cov_mod._parse_gpu_warnings(report) == {1: ["Not supported op BROADCAST_TO"]}
+    assert tflite_cov._parse_gpu_warnings(report) == {1: ["Not supported op BROADCAST_TO"]}
 
 
 def test_coverage_rejects_unknown_accelerators_and_missing_artifacts(tmp_path: Path) -> None:

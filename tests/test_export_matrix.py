@@ -102,7 +102,7 @@ def test_coreml_attention_runs_per_head(matrix, model: str, sites: int) -> None:
     """ane_split_heads: deit_tiny's 12 batched attentions become per-head einsums (3 heads each),
     so ``inspect``'s ANE layout hint has nothing left to flag; MobileViT v2's separable attention
     has no (B, H, S, S) softmax to split."""
-    from edgevit.devices.coverage import coreml_coverage
+    from edgevit.export.backends.coreml.coverage import coreml_coverage
 
     result = matrix[model, "coreml"]
     assert not isinstance(result, Exception), f"{model} -> coreml: {result}"
@@ -116,11 +116,12 @@ def test_inspect_coreml_prints_the_fp16_range_report(matrix, monkeypatch) -> Non
     from typer.testing import CliRunner
 
     import edgevit.cli as cli
+    import edgevit.cli.inspect as cli_inspect
 
     result = matrix["deit_tiny", "coreml"]
     assert not isinstance(result, Exception), result
     row = {**result.manifest, "artifact_path": str(result.artifact)}
-    monkeypatch.setattr(cli, "_export_isolated", lambda *args, **kwargs: [row])
+    monkeypatch.setattr(cli_inspect, "export_isolated", lambda *args, **kwargs: [row])
     out = CliRunner().invoke(cli.app, ["inspect", "deit_tiny", "--target", "coreml"], env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
     assert "fp16 range (MIL reference executor" in out.output

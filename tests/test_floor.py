@@ -1,4 +1,4 @@
-"""The floors (devices/floor.py): the model's Linear calls (and, for the matmul floor, its matmuls of two
+"""The floors (benchmarks/floor.py): the model's Linear calls (and, for the matmul floor, its matmuls of two
 activations), recorded and replayed as one chain."""
 
 from __future__ import annotations
@@ -7,8 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from edgevit.api import _prepare_subject
-from edgevit.devices.floor import (
+import sys
+from pathlib import Path
+
+from edgevit.export.subject import prepare_subject
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmark code, not the package
+from floor import (  # noqa: E402
     LinearCall,
     LinearChain,
     MatmulCall,
@@ -17,14 +22,15 @@ from edgevit.devices.floor import (
     adapters,
     call_from_list,
     exported_linear_calls,
+    builder_options,
     linear_floor,
     record_linear_calls,
 )
-from edgevit.devices.worker import Worker
+from edgevit.devices.worker import Worker  # noqa: E402
 
 
 def test_deit_tiny_linear_calls_are_its_blocks_and_head() -> None:
-    subject = _prepare_subject("deit_tiny", None, None, None, 0)
+    subject = prepare_subject("deit_tiny", None, None, None, 0)
     calls = record_linear_calls(subject.model.eval(), subject.example_inputs)
     # 12 blocks of qkv, proj, fc1, fc2 on 197 tokens (196 patches + cls), then the head on the cls token.
     block = [LinearCall(197, 192, 576, True), LinearCall(197, 192, 192, True),
@@ -38,7 +44,7 @@ def test_deit_tiny_linear_calls_are_its_blocks_and_head() -> None:
 def test_the_floor_is_what_the_exported_graph_runs() -> None:
     """sink_slices runs DeiT-Tiny's last proj, fc1 and fc2 on the class token alone; qkv keeps every row
     (keys and values need them). The floor follows: 196 x 331,776 MACs fewer."""
-    subject = _prepare_subject("deit_tiny", None, None, None, 0)
+    subject = prepare_subject("deit_tiny", None, None, None, 0)
     calls = exported_linear_calls(subject.model, subject.example_inputs)
     block = [LinearCall(197, 192, 576, True), LinearCall(197, 192, 192, True),
              LinearCall(197, 192, 768, True), LinearCall(197, 768, 192, True)]
@@ -53,7 +59,7 @@ def test_the_floor_is_what_the_exported_graph_runs() -> None:
 def test_the_matmul_floor_adds_the_attention_matmuls() -> None:
     """Each block's q k^T (3 heads x 197 x 64 @ 64 x 197) and softmax(.) v (197 x 197 @ 197 x 64) between
     qkv and proj; in the last block the class token's query alone (sink_slices)."""
-    subject = _prepare_subject("deit_tiny", None, None, None, 0)
+    subject = prepare_subject("deit_tiny", None, None, None, 0)
     calls = exported_linear_calls(subject.model, subject.example_inputs, matmuls=True)
     qkv, proj, fc1, fc2 = (LinearCall(197, 192, 576, True), LinearCall(197, 192, 192, True),
                            LinearCall(197, 192, 768, True), LinearCall(197, 768, 192, True))
@@ -94,7 +100,7 @@ def test_fit_flat_reshapes_slices_and_tiles() -> None:
 
 
 def test_the_chain_replays_the_same_calls() -> None:
-    subject = _prepare_subject("deit_tiny", None, None, None, 0)
+    subject = prepare_subject("deit_tiny", None, None, None, 0)
     chain = linear_floor(subject.model, subject.example_inputs)
     x = chain.example_input()
     assert x.shape == (1, 197, 192)
@@ -139,14 +145,13 @@ def test_a_model_without_linear_layers_is_a_clear_error() -> None:
 def test_the_eager_worker_times_the_floor_on_request(tmp_path) -> None:
     import numpy as np
 
-    subject = _prepare_subject("efficientvit_m0", None, 64, None, 0)
+    subject = prepare_subject("efficientvit_m0", None, 64, None, 0)
     chain = LinearChain(record_linear_calls(subject.model.eval(), subject.example_inputs))
     inputs = tmp_path / "x.npz"
     np.savez(inputs, chain.example_input().numpy())
     worker = Worker()
     worker.load({"runtime": "torch", "inputs": str(inputs), "threads": 1,
-                 "options": {"model": "efficientvit_m0", "input_size": 64,
-                             "floor": [c.to_list() for c in chain.calls]}})
+                 "options": {"model": "efficientvit_m0", "input_size": 64, **builder_options(chain)}})
     assert isinstance(worker.session.model, LinearChain) and worker.session.model.calls == chain.calls
     assert torch.equal(worker.session.model.layers[-1].weight, chain.layers[-1].weight)  # same seed
     assert len(worker.run(2)["times_ms"]) == 2
@@ -154,5 +159,5 @@ def test_the_eager_worker_times_the_floor_on_request(tmp_path) -> None:
     np.savez(inputs, LinearChain(mixed).example_input().numpy())
     worker = Worker()
     worker.load({"runtime": "torch", "inputs": str(inputs), "threads": 1,
-                 "options": {"floor": [c.to_list() for c in mixed]}})
+                 "options": builder_options(LinearChain(mixed))})
     assert worker.session.model.calls == mixed and len(worker.run(1)["times_ms"]) == 1

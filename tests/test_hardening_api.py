@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import edgevit
-from edgevit.cli import _exit_code
+from edgevit.cli.export import exit_code
 from edgevit.errors import EdgevitError, ParityError
 from edgevit.export.manifest import to_json, write_json_atomic
 from edgevit.export.parity import DEGENERATE_DETAIL, TOLERANCES, compare, compare_output
@@ -71,7 +71,7 @@ def test_zero_or_denormal_reference_that_differs_is_degenerate() -> None:
     good, bad = np.ones((1, 8), np.float32), np.full((1, 8), 2.0, np.float32)
     zero, tiny = np.zeros((1, 8), np.float32), np.full((1, 8), 1e-41, np.float32)
     assert compare([[good, zero]], [[bad, tiny]], ["a", "b"], "fp32").status == "failed"
-    assert _exit_code([{"status": "degenerate"}]) == 1 and _exit_code([{"status": "passed"}]) == 0
+    assert exit_code([{"status": "degenerate"}]) == 1 and exit_code([{"status": "passed"}]) == 0
 
 
 @pytest.mark.parametrize("target", ["onnx", "coreml"])

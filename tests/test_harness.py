@@ -205,17 +205,36 @@ def test_remote_without_python_or_numpy_is_one_line(tmp_path: Path) -> None:
 
 
 def test_worker_file_needs_no_edgevit(tmp_path: Path, tiny_onnx) -> None:
-    """The pushed worker imports only the standard library, numpy and the runtime it measures."""
-    from edgevit.devices.harness import WORKER
+    """The pushed worker (the bundle: devices/worker.py + the backends' session modules) imports only the
+    standard library, numpy and the runtime it measures, and runs where edgevit is not importable."""
+    from edgevit.devices.worker import SESSIONS
+    from edgevit.devices.worker_bundle import bundle
 
-    source = WORKER.read_text()
+    pytest.importorskip("onnxruntime")
+    worker = bundle(tmp_path / "worker.py")
+    source = worker.read_text()
     top_level = [ln for ln in source.splitlines() if ln.startswith(("import ", "from "))]
     assert not [ln for ln in top_level if "edgevit" in ln], top_level
-    (tmp_path / "config.json").write_text(json.dumps({"runtime": "fake", "runs": 3, "warmup": 0}))
-    proc = subprocess.run([sys.executable, "-I", str(WORKER), "run", "config.json", "out.json"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)  # -I: isolated mode, no site-packages path tricks
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "out.json").read_text())["ok"]
+    artifact, inputs = tiny_onnx
+    configs = {"fake": {"runtime": "fake", "runs": 3, "warmup": 0},
+               "ort": {"runtime": "onnxruntime", "artifact": str(artifact), "inputs": str(inputs), "threads": 1,
+                       "runs": 3, "warmup": 0}}
+    for name, config in configs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+        # -I: isolated mode (no script directory, PYTHONPATH or user site); and edgevit made unimportable
+        proc = subprocess.run([sys.executable, "-I", "-c", "import runpy, sys; sys.modules['edgevit'] = None; "
+                               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+                               str(worker), "run", f"{name}.json", f"{name}.out.json"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((tmp_path / f"{name}.out.json").read_text())["ok"]
+    probe = subprocess.run([sys.executable, "-I", str(worker), "probe"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    facts = json.loads(probe.stdout)
+    assert "version" in facts["packages"]["onnxruntime"] and "providers" in facts["onnxruntime"]
+    bundled = subprocess.run([sys.executable, "-I", "-c", "import runpy, sys; print(sorted(runpy.run_path(sys.argv[1])"
+                              "['SESSIONS']))", str(worker)], capture_output=True, text=True, timeout=60)
+    assert bundled.stdout.strip() == str(sorted(SESSIONS)), bundled.stderr
 
 
 def test_edgevit_source_zip_builds_a_zoo_model_without_the_installed_package(tmp_path: Path) -> None:
@@ -223,9 +242,9 @@ def test_edgevit_source_zip_builds_a_zoo_model_without_the_installed_package(tmp
     from edgevit.devices.remote import source_zip
 
     zipped = source_zip(tmp_path / "edgevit-src.zip")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import edgevit.api as api; "
-            "assert api.__file__.startswith(sys.argv[1]), api.__file__; "
-            "s = api._prepare_subject('deit_tiny', None, 32, None, 0); print(tuple(s.model(*s.example_inputs).shape))")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import edgevit.export.subject as subject; "
+            "assert subject.__file__.startswith(sys.argv[1]), subject.__file__; "
+            "s = subject.prepare_subject('deit_tiny', None, 32, None, 0); print(tuple(s.model(*s.example_inputs).shape))")
     proc = subprocess.run([sys.executable, "-c", code, str(zipped)], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -334,7 +353,7 @@ def test_onnxruntime_matmul_precision_is_read_from_the_kernels(tmp_path: Path) -
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgevit.devices.worker import _ort_matmul_precision
+    from edgevit.export.backends.onnx.session import _ort_matmul_precision
 
     w = numpy_helper.from_array(np.ones((8, 8), np.float16), "W")
     nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),

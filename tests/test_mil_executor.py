@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgevit.devices.mil import MILExecutor, UnsupportedOpError, fp16_range_report, load_program
+from edgevit.export.backends.coreml.mil import MILExecutor, UnsupportedOpError, fp16_range_report, load_program
 from edgevit.export.parity import compare
 
 ct = pytest.importorskip("coremltools")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgevit.devices.mil import OPS, round_fp16
+from edgevit.export.backends.coreml.mil import OPS, round_fp16
 
 RTOL = 1e-5
 
@@ -294,7 +294,7 @@ def test_upsampling_matches_torch_interpolate() -> None:
 
 
 def test_resize_bilinear_grids_are_the_mil_docs_examples() -> None:
-    from edgevit.devices.mil.ops_tensor import _grid
+    from edgevit.export.backends.coreml.mil.ops_tensor import _grid
 
     docs = {("UNALIGN_CORNERS", 5): [0.0, 0.1, 0.5, 0.9, 1.0], ("ALIGN_CORNERS", 5): [0.0, 0.25, 0.5, 0.75, 1.0],
             ("DEFAULT", 5): [0.0, 0.4, 0.8, 1.0, 1.0], ("OFFSET_CORNERS", 5): [0.1, 0.3, 0.5, 0.7, 0.9],

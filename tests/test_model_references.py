@@ -8,6 +8,7 @@ CLI in a subprocess, child process included, on models small enough to convert i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,12 +159,12 @@ def test_fingerprint_follows_the_folders_files(hf_dir: Path) -> None:
 
 def test_export_model_takes_a_reference_string(factory_cwd: Path, tmp_path: Path) -> None:
     """The Python API: the same strings as the CLI, example inputs fixing the shape."""
-    from edgevit.api import _prepare_subject
+    from edgevit.export.subject import prepare_subject
 
-    subject = _prepare_subject("tinyfactory:make", torch.zeros(1, 3, 8, 8), None, None, 0, init="exercise")
+    subject = prepare_subject("tinyfactory:make", torch.zeros(1, 3, 8, 8), None, None, 0, init="exercise")
     assert subject.reference.kind == "factory" and subject.reference.init == "exercise"
     with pytest.raises(EdgevitError, match="give its input shape"):
-        _prepare_subject("tinyfactory:make", None, None, None, 0)
+        prepare_subject("tinyfactory:make", None, None, None, 0)
 
 
 # --- bad references: one line, exit 2 ------------------------------------------------------------
@@ -229,11 +230,20 @@ def test_bench_rejects_bad_references(factory_cwd: Path) -> None:
     assert "factory 'tinyfactory:broken' raised" in result.stderr
 
 
-def test_options_travel_to_the_child() -> None:
-    opts = cli._ExportOptions(input_shape=(1, 3, 8, 8), init="exercise", strict_passes=True)
-    flags = opts.to_flags()
-    assert flags[flags.index("--input-shape") + 1] == "1,3,8,8" and flags[flags.index("--init") + 1] == "exercise"
-    assert "--strict-passes" in flags
+def test_options_travel_to_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent's checked options reach the export child whole, as JSON in its environment."""
+    from edgevit.export import isolated
+    from edgevit.export.options import ExportOptions
+
+    opts = ExportOptions(input_shape=(1, 3, 8, 8), init="exercise", strict_passes=True, weights=Path("/w.pt"),
+                         passes=("strip_aliases", "select_to_slice"))
+    assert ExportOptions.from_json(opts.to_json()) == opts
+    seen: dict = {}
+    monkeypatch.setattr(isolated, "run_export_child", lambda cmd, *args: seen.update(cmd=cmd, env=args[-1]) or {})
+    isolated.export_in_child("tinyfactory:make", "onnx", Path("out"), opts)
+    assert seen["cmd"][-1] == "--in-process" and "--init" not in seen["cmd"]  # nothing to parse again
+    monkeypatch.setenv(isolated.OPTIONS_ENV, seen["env"][isolated.OPTIONS_ENV])
+    assert isolated.take_child_options() == opts and isolated.OPTIONS_ENV not in os.environ
 
 
 def test_bench_cache_key_changes_with_the_folder(hf_dir: Path) -> None:

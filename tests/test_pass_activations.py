@@ -166,16 +166,6 @@ def test_gelu_tanh_activation_error(approximate: str, shape: tuple[int, ...]) ->
         assert gap <= rounding
 
 
-class Mlp(nn.Module):
-    def __init__(self, approximate: str = "none"):
-        super().__init__()
-        self.act = nn.GELU(approximate=approximate)
-        self.fc = nn.Linear(16, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.act(x)) + self.act(x * 2)
-
-
 def test_gelu_tanh_model_error_bound() -> None:
     """Two GELU sites, one feeding a linear: the output error is bounded by the gap through the linear."""
     torch.manual_seed(0)
@@ -194,7 +184,7 @@ def test_gelu_tanh_model_error_bound() -> None:
 @pytest.mark.slow
 def test_gelu_tanh_reason_nnapi_has_no_erf(tmp_path: Path) -> None:
     """ORT's NNAPI checker: Erf (the exporter's exact GELU) unsupported without the pass, nothing with it."""
-    from edgevit.devices.coverage import onnx_ep_coverage
+    from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
     from edgevit.export.capture import capture
 
     model, x = Mlp().eval(), torch.randn(1, 4, 16)

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
+from edgevit.export.backends.coreml.passes.ane_split_heads import OUTPUT_EQUATION, SCORES_EQUATION
 from edgevit.export.passes import default_pipeline, run_pipeline
-from edgevit.export.passes.ane_attention import OUTPUT_EQUATION, SCORES_EQUATION
 
 SPLIT = ["strip_aliases", "lower_rank", "ane_split_heads"]
 
@@ -220,7 +220,7 @@ def test_coreml_program_has_per_head_einsums_with_channel_softmax(tmp_path: Path
     assert ops["with"] == {("einsum", (1, 10, 1, 10), None): 3, ("softmax", (1, 10, 1, 10), 1): 3,
                            ("einsum", (1, 16, 1, 10), None): 3}
     # edgevit inspect names the pattern and the pass for the batched program only
-    from edgevit.devices.coverage import coreml_coverage
+    from edgevit.export.backends.coreml.coverage import coreml_coverage
 
     hints = {label: [n for n in coreml_coverage(tmp_path / f"{label}.mlpackage").notes if "batched" in n]
              for label in ("without", "with")}

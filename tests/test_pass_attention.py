@@ -1,5 +1,6 @@
-"""Tests of the attention passes (export/passes/attention.py): numerics on tiny modules, and the
-backend behaviour each pass exists for (converter failures, EP coverage, fp16 mask constants)."""
+"""Tests of the attention passes (export/passes/attention.py, masks.py, softmax.py, broadcast.py):
+numerics on tiny modules, and the backend behaviour each pass exists for (converter failures, EP
+coverage, fp16 mask constants)."""
 
 from __future__ import annotations
 
@@ -348,7 +349,7 @@ def test_expand_to_broadcast_exact(name, fn, shape, tensors, sites) -> None:
 def test_expand_to_broadcast_onnx_ep_coverage(tmp_path: Path, ep: str) -> None:
     """ONNX Expand is in neither the NNAPI nor the Core ML EP list: it splits the graph; after the pass
     the graph is one partition."""
-    from edgevit.devices.coverage import onnx_ep_coverage
+    from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
 
     model = Fn(lambda m, x: x * x.mean(-1, keepdim=True).expand_as(x) + m.b.expand(1, 5, 8), b=torch.randn(8))
     x = torch.randn(1, 5, 8)
@@ -436,7 +437,7 @@ def test_einsum_to_matmul_coreml_converts(tmp_path: Path, equation: str, shapes,
 
 @pytest.mark.parametrize("ep", ["nnapi", "coreml"])
 def test_einsum_to_matmul_onnx_ep_coverage(tmp_path: Path, ep: str) -> None:
-    from edgevit.devices.coverage import onnx_ep_coverage
+    from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
 
     q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 7, 4)
     model = Fn(lambda m, a, b: torch.einsum("bhqd,bhkd->bhqk", a, b).softmax(-1))
@@ -566,7 +567,7 @@ def test_sdpa_to_explicit_leaves_runtime_float_mask_and_dropout() -> None:
 def test_sdpa_to_explicit_onnx_ep_coverage(tmp_path: Path, ep: str) -> None:
     """The ONNX exporter lowers a boolean-masked SDPA with IsNaN + Where (its safe softmax): not in the
     NNAPI / Core ML EP lists, two partitions. The explicit form is one partition."""
-    from edgevit.devices.coverage import onnx_ep_coverage
+    from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
 
     model = Fn(lambda m, q: F.scaled_dot_product_attention(q, q, q, attn_mask=m.mask),
                mask=_rowmask((5, 5), 0, None))

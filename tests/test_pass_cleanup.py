@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgevit.devices.coverage import onnx_ep_coverage
+from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
 from edgevit.export.capture import capture
 from edgevit.export.passes import run_pipeline
 from edgevit.export.targets import get_target

@@ -1,4 +1,4 @@
-"""The layout passes (export/passes/layout.py): unfold_fold_static, pixel_unshuffle_rank4, lower_rank.
+"""The layout passes (export/passes/layout.py, rank.py): unfold_fold_static, pixel_unshuffle_rank4, lower_rank.
 
 Each pass: numerical equivalence on tiny modules with the pattern (exact data movement → torch.equal)
 and the backend reason on a real converter (failure or rank > 4 without the pass, none with it).
@@ -19,7 +19,7 @@ from torch import nn
 
 from edgevit.export.capture import capture
 from edgevit.export.passes import PassContext, annotate, run_pipeline
-from edgevit.export.passes.layout import LowerRank, plan_low_rank, replay
+from edgevit.export.passes.rank import LowerRank, plan_low_rank, replay
 from edgevit.export.targets import get_target
 
 aten = torch.ops.aten
@@ -204,7 +204,7 @@ def test_unfold_fold_static_overlapping_fold_converts_to_coreml_only_with_pass(t
 @pytest.mark.parametrize("accelerator", ["nnapi", "coreml"])
 def test_unfold_fold_static_onnx_mobile_eps_cover_the_block_only_with_pass(tmp_path: Path, accelerator) -> None:
     """ONNX: Col2Im is in neither EP; unfold exports as Gather + rank-6 Reshape/Transpose."""
-    from edgevit.devices.coverage import onnx_ep_coverage
+    from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
 
     model, x = MobileViTv2Patches().eval(), torch.randn(1, 4, 8, 8)
     before = convert("onnx", capture(model, (x,)), (x,), tmp_path / "before.onnx")
@@ -246,7 +246,7 @@ def test_pixel_unshuffle_rank4_is_exact(shape, r) -> None:
 @pytest.mark.slow
 def test_pixel_unshuffle_rank4_onnx_coreml_ep_rank_problem_gone(tmp_path: Path) -> None:
     """The ONNX exporter lowers pixel_unshuffle through rank-6 Reshape/Transpose."""
-    from edgevit.devices.coverage import onnx_ep_coverage
+    from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
 
     model, x = PixelUnshuffle(2), torch.randn(1, 4, 8, 8)
     before = onnx_ep_coverage(convert("onnx", capture(model, (x,)), (x,), tmp_path / "before.onnx"), "coreml")
@@ -490,7 +490,7 @@ def test_lower_rank_tflite_tensors_rank4_only_with_pass(tmp_path: Path, model, s
 
 @pytest.mark.slow
 def test_lower_rank_onnx_coreml_ep_rank_problem_gone(tmp_path: Path) -> None:
-    from edgevit.devices.coverage import onnx_ep_coverage
+    from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
 
     model, x = WindowPartition(), torch.randn(1, 4, 6, 8)
     before = onnx_ep_coverage(convert("onnx", capture(model, (x,)), (x,), tmp_path / "before.onnx"), "coreml")

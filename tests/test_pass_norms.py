@@ -27,7 +27,7 @@ def outputs(model: nn.Module, rewritten: nn.Module, x: torch.Tensor) -> tuple[to
 
 def coverage(model: nn.Module, x: torch.Tensor, names: list[str], path: Path, accelerator: str):
     """ORT mobile-checker coverage of ``model`` exported to ONNX after ``names``."""
-    from edgevit.devices.coverage import onnx_ep_coverage
+    from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
 
     r = run_pipeline(model, (x,), names)
     get_target("onnx").converter_module().convert(r.program, (x,), path, "fp32")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevit.devices.coverage import onnx_ep_coverage
+from edgevit.export.backends.onnx.coverage import onnx_ep_coverage
 from edgevit.export.capture import capture
 from edgevit.export.passes import run_pipeline
 from edgevit.export.passes.pooling import adaptive_avg_matrix, adaptive_bins

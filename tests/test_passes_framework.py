@@ -82,7 +82,7 @@ def test_the_rewritten_graph_is_captured_once_and_only_for_converters_that_need_
     from types import SimpleNamespace
 
     import edgevit.export.capture as capture_module
-    from edgevit.api import _convert
+    from edgevit.export.pipeline import convert as _convert
     from edgevit.export.targets import Target
 
     real, captures = capture_module.capture, []
@@ -325,7 +325,7 @@ def test_export_falls_back_to_no_passes_when_the_converter_fails_on_the_rewrite(
 
 def test_cli_reports_rolled_back_passes(capsys: pytest.CaptureFixture) -> None:
     """The table counts them and a warning names each one with its reason (the export itself passed)."""
-    from edgevit.cli import _passes_cell, _report
+    from edgevit.cli.export import passes_cell as _passes_cell, report as _report
 
     record = {"pipeline": ["strip_aliases", "select_to_slice"], "sites_total": 3, "applied": [
         {"name": "strip_aliases", "status": "applied", "sites": 3, "reason": None},

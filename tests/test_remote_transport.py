@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from edgevit.devices.harness import WORKER, Config, Protocol, measure
+from edgevit.devices.harness import Config, Protocol, measure
 from edgevit.devices.remote import RemoteError, RemoteHost, RemoteSpec, parse_remote, resolve_remote
+from edgevit.devices.worker_bundle import worker_file
 
 from edgevit.errors import EdgevitError
 
@@ -136,7 +137,7 @@ def test_ssh_open_measure_close(loopback_sshd, workdir):
     notes: list[str] = []
     try:
         facts = host.open()
-        assert (Path(host.dir) / "worker.py").read_bytes() == WORKER.read_bytes()
+        assert (Path(host.dir) / "worker.py").read_bytes() == worker_file().read_bytes()  # the bundle
         assert host.worker_command()[0] == "ssh"
         results = measure([fake("A"), fake("B", ms=3.0)], FAST, notes.append, spawn=host.spawn)
     finally:
@@ -291,7 +292,7 @@ def test_ssh_full_disk(loopback_sshd, small_disk, tmp_path):
     big.write_bytes(os.urandom(1 << 20))
     host = RemoteHost(ssh_spec(loopback_sshd, small_disk))
     try:
-        host.open()  # worker.py (~35 KB) fits
+        host.open()  # worker.py (~50 KB) fits
         with pytest.raises(RemoteError) as err:
             host.push({"model.onnx": big})
     finally:
@@ -364,7 +365,7 @@ def test_adb_open_measure_close(fake_adb):
     assert os.listdir(spec.workdir) == []
     calls = fake_adb.calls()
     assert calls and all(c[:3] == ["adb", "-s", "emulator-5554"] for c in calls), calls
-    assert ["adb", "-s", "emulator-5554", "push", str(WORKER), f"{host.dir}/worker.py"] in calls
+    assert ["adb", "-s", "emulator-5554", "push", str(worker_file()), f"{host.dir}/worker.py"] in calls
     shells = [c[4] for c in calls if c[3] == "shell"]
     assert any("worker.py probe" in s for s in shells)
     assert sum("worker.py serve" in s for s in shells) == 2  # one worker per configuration

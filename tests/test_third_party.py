@@ -176,20 +176,20 @@ def test_model_output_is_flattened_with_its_field_names() -> None:
 def test_exercise_init_gives_parity_something_to_judge() -> None:
     """transformers' init (normal(0, 0.02)) shrinks a deep MobileViT's logits towards 0; init="exercise"
     restores a measurable output, leaves the caller's module untouched, and is seeded."""
-    from edgevit.api import _prepare_subject
+    from edgevit.export.subject import prepare_subject
 
     model, size = _mobilevit()
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         before = model.eval()(x).logits.abs().max().item()
-    subjects = [_prepare_subject(model, x, None, None, seed, init="exercise") for seed in (0, 0, 1)]
+    subjects = [prepare_subject(model, x, None, None, seed, init="exercise") for seed in (0, 0, 1)]
     with torch.no_grad():
         peaks = [s.model(x).logits.abs().max().item() for s in subjects]
         again = model(x).logits.abs().max().item()
     assert before < 1e-6 and again == before  # the caller's module keeps its weights
     assert min(peaks) > 1e-2 and peaks[0] == peaks[1] and peaks[0] != peaks[2]
     with pytest.raises(EdgevitError, match="unknown init 'random'"):
-        _prepare_subject(model, x, None, None, 0, init="random")
+        prepare_subject(model, x, None, None, 0, init="random")
 
 
 # --- the same models from the CLI, as saved folders (config.json + weights) ------------------------

@@ -74,7 +74,7 @@ def check_cell(tmp_path, model: str, target: str, cross_check, on_result=None) -
         report = cross_check(result.artifact, onnx_artifact, result.manifest["precision"], seed=7)
         assert report.status == "passed", report.to_dict()
     if target == "tflite":  # the rank passes are in every pipeline: no tensor above rank 4 (GPU/NNAPI limit)
-        from edgevit.devices.coverage import tflite_coverage
+        from edgevit.export.backends.tflite.coverage import tflite_coverage
 
         ranks = [p for p in tflite_coverage(result.artifact, "gpu").problems if p.startswith("rank>")]
         assert not ranks, ranks

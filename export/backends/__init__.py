@@ -5,6 +5,9 @@ A backend package (``export/backends/<name>/``) provides, under fixed module nam
 - ``__init__.py``: ``BACKEND``, a :class:`Backend`: its targets-table row, its pass pipelines (one
   explicit, ordered list per accelerator), the packages whose versions key cached exports;
 - ``convert.py``: ``convert(program_or_module, example_inputs, out, precision) -> Path`` and ``versions()``;
+  optionally ``structural_check(path, example_inputs, num_outputs) -> dict`` and ``verify(path, samples,
+  refs, names, precision, structural) -> ParityReport`` when parity cannot simply run the artifact in its
+  runtime here (Core ML on Linux: the MIL reference executor in ``coreml/mil/``);
 - ``coverage.py``: ``coverage(path, accelerator) -> Coverage``, how much of an artifact an accelerator takes;
 - ``devices.py``: ``ROWS``, the devices-table rows it contributes (runtime, options, probes);
 - ``session.py``: the runtime session that parity and the bench worker both use;

@@ -176,9 +176,6 @@ class PipelineResult:
         self.outputs, self.replay = other.outputs, None
         self.captured = other.captured or _capture.capture(other.model, other.example_inputs)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"applied": [r.to_dict() for r in self.reports], "graph_max_abs_change": self.max_abs_change}
-
 
 def run_pipeline(
     model: nn.Module,

@@ -1,7 +1,10 @@
-"""Attention rewrites: softmax axis, fp16-safe masks, implicit broadcasting, einsum and SDPA lowering.
+"""Attention lowering: ``scaled_dot_product_attention`` as explicit matmul/softmax/matmul, ``einsum`` as matmul.
 
 Every pass here matches plain ATen patterns (any model, not only the zoo) and leaves a site alone
-when a shape, a dtype or a constant it needs is unknown.
+when a shape, a dtype or a constant it needs is unknown. The other attention-related passes live
+next to this module: ``softmax_last_axis`` (``softmax.py``), ``finite_masks`` (``masks.py``, which
+uses this module's :data:`MASK_VALUE` and SDPA argument helpers) and ``expand_to_broadcast``
+(``broadcast.py``).
 """
 
 from __future__ import annotations
@@ -20,20 +23,12 @@ from edgevit.export.passes.base import Aliasing, GraphPass, PassContext, aten, i
 
 #: The finite "masked" logit of R5 (Apple's ane_transformers uses ``mask * -1e4``).
 MASK_VALUE = -1e4
-#: Mask values at or below this overflow to -inf in float16 once a logit is added (finfo(fp16).min).
-_FP16_MIN = float(torch.finfo(torch.float16).min)
 #: Constant subgraphs larger than this are not folded to inspect a mask (keeps passes cheap).
 _FOLD_MAX_NUMEL = 1 << 22
 _FOLD_MAX_NODES = 64
 
-_SOFTMAXES = (aten.softmax, aten._softmax, aten._safe_softmax, aten.log_softmax, aten._log_softmax)
-
 
 # --- shared helpers ---------------------------------------------------------------------------
-
-def _norm_dim(dim: int, rank: int) -> int:
-    return dim + rank if dim < 0 else dim
-
 
 def _is_float(ctx: PassContext, node: Any) -> bool:
     v = ctx.val(node)
@@ -101,277 +96,7 @@ def _view_to_rank(value: torch.Tensor, rank: int) -> torch.Tensor:
     return value.reshape((1,) * (rank - value.dim()) + tuple(value.shape)) if value.dim() < rank else value
 
 
-# --- 1. softmax on the last axis --------------------------------------------------------------
-
-@register_pass
-class SoftmaxLastAxis(ViewRepairing, GraphPass):
-    """``softmax`` / ``log_softmax`` over a non-last axis → transpose, softmax(-1), transpose back.
-
-    Why: TFLite's SOFTMAX has no axis (the reference kernel normalises the trailing dim; the GPU
-    parser sets ``axis = CHANNELS // always by channels``) — litert-torch 0.10
-    lowers ``softmax(x, dim=1)`` to six ops (REDUCE_MAX, MAXIMUM, SUB, EXP, SUM, DIV) instead of
-    one SOFTMAX; the ORT XNNPACK EP takes ``Softmax`` only when ``axis`` is the last dim
-    (xnnpack/math/softmax.cc). Not wanted by Core ML: the ANE layout (B, C, 1, S) normalises over
-    dim=1 on purpose (R3), nor by OpenVINO, which handles any axis.
-    Exact up to float re-association: the same reduction runs over the same elements; the kernel's
-    summation order can differ, so outputs agree to ~(n+3)·2⁻²⁴ relative (n = softmax length).
-    The result is a transposed view; a later ``view`` that needs the original strides becomes a
-    ``reshape`` (``x.softmax(1).view(B, -1)``).
-    """
-
-    name = "softmax_last_axis"
-    fixes = ("Softmax(axis!=-1)", "LogSoftmax(axis!=-1)", "softmax axis")
-
-    def matches(self, ctx: PassContext, node: fx.Node) -> bool:
-        if not is_op(node, *_SOFTMAXES) or len(node.args) < 2:
-            return False
-        rank = ctx.rank(node.args[0])
-        dim = node.args[1]
-        return rank is not None and rank > 1 and isinstance(dim, int) and _norm_dim(dim, rank) != rank - 1
-
-    def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
-        x, dim = node.args[0], _norm_dim(node.args[1], ctx.rank(node.args[0]))
-        moved = ctx.call(aten.transpose.int, x, dim, -1)
-        inner = ctx.call(node.target, moved, -1, *node.args[2:], **node.kwargs)
-        ctx.replace(node, ctx.call(aten.transpose.int, inner, dim, -1))
-
-
-# --- 2. finite masks --------------------------------------------------------------------------
-
-# Ops a mask passes through on its way to the softmax (views, casts, combination with logits).
-_MASK_CARRIERS = (
-    aten.view, aten.reshape, aten.unsqueeze, aten.squeeze, aten.expand, aten.expand_as, aten.permute,
-    aten.transpose, aten.slice, aten.select, aten.clone, aten.contiguous, aten.alias, aten._to_copy,
-    aten.to, aten.unflatten, aten.flatten, aten.repeat, aten.cat, aten.stack, aten.triu, aten.tril,
-    aten.add, aten.masked_fill, aten.masked_fill_, aten.where, aten.detach, aten.lift_fresh_copy,
-)
-# Where the scalar fill value sits, per op (argument index).
-_SCALAR_FILLS: tuple[tuple[Any, tuple[int, ...]], ...] = (
-    (aten.masked_fill.Scalar, (2,)), (aten.masked_fill_.Scalar, (2,)),
-    (aten.full.default, (1,)), (aten.full_like.default, (1,)), (aten.new_full.default, (2,)),
-    (aten.scalar_tensor.default, (0,)), (aten.fill.Scalar, (1,)), (aten.fill_.Scalar, (1,)),
-    (aten.where.ScalarOther, (2,)), (aten.where.ScalarSelf, (1,)), (aten.where.Scalar, (1, 2)),
-)
-
-
-# Softmaxes whose masked outputs are 0 either way; log_softmax is excluded (its masked outputs
-# would change from -inf to about -1e4).
-_MASK_TARGETS = (aten.softmax, aten._softmax, aten._safe_softmax)
-
-
-def _is_sentinel(value: Any) -> bool:
-    return isinstance(value, float) and value <= _FP16_MIN
-
-
-def _feeds_softmax(node: fx.Node, depth: int = 12) -> bool:
-    """True when ``node``'s value reaches a softmax (or SDPA's mask) through mask-carrying ops."""
-    frontier, seen = [node], set()
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for user in n.users:
-                if user in seen:
-                    continue
-                seen.add(user)
-                if is_op(user, *_MASK_TARGETS) and user.args[0] is n:
-                    return True
-                if is_op(user, aten.scaled_dot_product_attention) and _sdpa_mask(user) is n:
-                    return True
-                if is_op(user, *_MASK_CARRIERS):
-                    nxt.append(user)
-        frontier = nxt
-    return False
-
-
-def _zero_one(ctx: PassContext, node: Any, depth: int = 6) -> bool:
-    """True when ``node`` only holds 0 and 1 (a bool mask, cast, or ``1 - mask``)."""
-    v = ctx.val(node)
-    if not isinstance(v, torch.Tensor) or depth == 0:
-        return False
-    if v.dtype == torch.bool:
-        return True
-    if is_op(node, aten._to_copy, aten.to, aten.view, aten.reshape, aten.unsqueeze, aten.expand,
-             aten.clone, aten.contiguous, aten.alias, aten.logical_not, aten.bitwise_not):
-        return _zero_one(ctx, node.args[0], depth - 1)
-    if is_op(node, aten.rsub) and len(node.args) >= 2 and node.args[1] in (1, 1.0):  # 1 - mask
-        return _zero_one(ctx, node.args[0], depth - 1)
-    return False
-
-
-@register_pass
-class FiniteMasks(GraphPass):
-    """-inf / finfo(fp32).min / finfo(fp16).min attention-mask values → -1e4.
-
-    Rewrites the scalar of ``masked_fill`` / ``full`` / ``full_like`` / ``new_full`` / ``fill`` /
-    ``scalar_tensor`` / ``where``, a ``(1 - mask) * finfo.min`` product, and constant mask tensors
-    (buffers) — only where the value reaches a softmax (or SDPA's ``attn_mask``) through views,
-    casts, ``triu``/``tril`` and ``add``.
-    Why: the fp32-min sentinel overflows to -inf in fp16, and ``-inf + x`` or
-    ``finfo(fp16).min + x`` is -inf, so a fully masked row becomes softmax(-inf, …, -inf) = NaN
-    (coremltools PR #2669; HF transformers #17306). Core ML/ANE, the TFLite GPU delegate and the
-    OpenVINO GPU/NPU plugins run fp16. -1e4 is Apple's own mask value (ane_transformers distilbert).
-    Exact in fp32 for rows that are not fully masked: a masked weight exp(-1e4 + l - max) underflows
-    to 0 just as exp(-inf) does whenever the unmasked logits exceed the masked ones by less than
-    1e4 - 104. A fully masked row changes: NaN/uniform before, finite after (that is the fix). The
-    pipeline holds an exact pass to fp32 rounding of the model's outputs, and parity compares with the
-    model, so on a model whose fp32 outputs include a fully masked row the pass is rolled back there.
-    """
-
-    name = "finite_masks"
-    fixes = ("-inf mask", "fp16 mask overflow", "NaN in fp16")
-
-    def matches(self, ctx: PassContext, node: fx.Node) -> bool:
-        if not _is_float(ctx, node) or not _feeds_softmax(node):
-            return False
-        return bool(self._scalar_slots(ctx, node) or self._constant_args(ctx, node))
-
-    def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
-        args = list(node.args)
-        for i in self._scalar_slots(ctx, node):
-            args[i] = MASK_VALUE
-        for i, value in self._constant_args(ctx, node):
-            clamped = torch.where(value <= _FP16_MIN, torch.full_like(value, MASK_VALUE), value)
-            args[i] = ctx.add_constant(clamped, "finite_mask")
-        node.args = tuple(args)
-
-    @staticmethod
-    def _scalar_slots(ctx: PassContext, node: fx.Node) -> list[int]:
-        for op, slots in _SCALAR_FILLS:
-            if node.target is op:
-                return [i for i in slots if i < len(node.args) and _is_sentinel(node.args[i])]
-        if is_op(node, aten.mul) and len(node.args) == 2:  # (1 - mask) * finfo.min
-            a, b = node.args
-            if _is_sentinel(b) and _zero_one(ctx, a):
-                return [1]
-            if _is_sentinel(a) and _zero_one(ctx, b):
-                return [0]
-        return []
-
-    @staticmethod
-    def _constant_args(ctx: PassContext, node: fx.Node) -> list[tuple[int, torch.Tensor]]:
-        found: list[tuple[int, torch.Tensor]] = []
-        if not is_op(node, *_MASK_CARRIERS):  # a buffer is a mask only where masks travel
-            return found
-        for i, a in enumerate(node.args):
-            value = ctx.constant(a)
-            if value is not None and value.dtype.is_floating_point and value.numel() \
-                    and bool((value <= _FP16_MIN).any()):
-                found.append((i, value.detach()))
-        return found
-
-
-# --- 3. expand → implicit broadcasting ---------------------------------------------------------
-
-# Element-wise ops that broadcast every tensor operand (out-of-place only: in-place self can't).
-_BROADCASTING = (
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.div.Tensor_mode,
-    aten.rsub.Tensor, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
-    aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Tensor, aten.atan2.default,
-    aten.eq.Tensor, aten.ne.Tensor, aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor,
-    aten.logical_and.default, aten.logical_or.default, aten.logical_xor.default,
-    aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.fmod.Tensor, aten.remainder.Tensor,
-    aten.copysign.Tensor, aten.hypot.default, aten.fmax.default, aten.fmin.default,
-    aten.floor_divide.default, aten.clamp.Tensor, aten.lerp.Tensor, aten.addcmul.default,
-    aten.addcdiv.default,
-)
-
-
-def _broadcast_source(ctx: PassContext, node: fx.Node) -> fx.Node | None:
-    """The un-expanded input of an expand / expand_as / repeat that only broadcasts, else None."""
-    src = node.args[0]
-    in_shape, out_shape = ctx.shape(src), ctx.shape(node)
-    if not isinstance(src, fx.Node) or in_shape is None or out_shape is None:
-        return None
-    if len(in_shape) > len(out_shape):
-        return None
-    aligned = (1,) * (len(out_shape) - len(in_shape)) + in_shape
-    if is_op(node, aten.repeat):  # tiling a size-1 dim is broadcasting; tiling a larger one is not
-        reps = list(node.args[1])
-        reps = [1] * (len(out_shape) - len(reps)) + reps
-        ok = all(r == 1 or s == 1 for s, r in zip(aligned, reps))
-    else:
-        ok = all(s == o or s == 1 for s, o in zip(aligned, out_shape))
-    return src if ok else None
-
-
-def _user_keeps_shape(ctx: PassContext, user: fx.Node, old: fx.Node, new_shape: tuple[int, ...]) -> bool:
-    """True when ``user`` is a broadcasting element-wise op whose output shape survives the swap."""
-    if user.target not in _BROADCASTING or old in user.kwargs.values():
-        return False
-    shapes = []
-    for a in user.args:
-        if a is old:
-            shapes.append(new_shape)
-        elif isinstance(a, fx.Node):
-            s = ctx.shape(a)
-            if s is None:
-                return False
-            shapes.append(s)
-    out = ctx.shape(user)
-    try:
-        if tuple(torch.broadcast_shapes(*shapes)) != out:
-            return False
-    except RuntimeError:
-        return False
-    # One operand must still cover the output: a mutual broadcast ((1,N,1) x (1,1,C)) is what the
-    # TFLite GPU rules reject ("MUL requires one tensor that not less than second in all dimensions").
-    return any((1,) * (len(out) - len(s)) + tuple(s) == out for s in shapes)
-
-
-@register_pass
-class ExpandToBroadcast(GraphPass):
-    """``expand`` / ``expand_as`` / ``repeat`` feeding only broadcasting element-wise ops → removed.
-
-    The small operand is reshaped to the same rank with leading singleton dims when its rank is
-    lower; an expand / repeat that does not change the shape (``cls_token.expand(1, -1, -1)`` at
-    batch 1) is dropped whatever its users, and one that only inserts size-1 dims becomes a reshape.
-    Why: ONNX ``Expand`` is in neither the NNAPI nor the Core ML EP op list of the
-    ORT mobile checker (each one splits the graph); a materialised broadcast becomes TFLite
-    BROADCAST_TO, which the LiteRT GPU accelerator rejects (LiteRT#9191); ``repeat`` for
-    broadcasting failed in litert-torch#715. Same-rank numpy broadcasting is what every backend
-    takes; an expand is kept when removing it would leave no operand covering the output (a mutual
-    broadcast, which the TFLite GPU MUL rule rejects). Exact: the element-wise op reads the same
-    values. A ``repeat`` (a copy, unlike ``expand``) whose source or result an in-place op writes is
-    left alone: without the copy the write would reach both.
-    """
-
-    name = "expand_to_broadcast"
-    fixes = ("Expand", "BROADCAST_TO", "expand", "Tile")
-
-    def matches(self, ctx: PassContext, node: fx.Node) -> bool:
-        if not is_op(node, aten.expand, aten.expand_as, aten.repeat):
-            return False
-        src = _broadcast_source(ctx, node)
-        if src is None:
-            return False
-        if is_op(node, aten.repeat) and (Aliasing.of(ctx).written(node) or Aliasing.of(ctx).written(src)):
-            return False  # repeat copies: as its source (or a view of it), an in-place write would reach both
-        if self._inserts_only_ones(ctx, src, node):
-            return True
-        target = self._aligned_shape(ctx, src, node)
-        return bool(node.users) and all(_user_keeps_shape(ctx, u, node, target) for u in node.users)
-
-    def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
-        src = _broadcast_source(ctx, node)
-        if self._inserts_only_ones(ctx, src, node):
-            shape = ctx.shape(node)
-        else:
-            shape = self._aligned_shape(ctx, src, node)
-        new = src if ctx.shape(src) == shape else ctx.call(aten.reshape.default, src, list(shape))
-        ctx.replace(node, new)
-
-    @staticmethod
-    def _inserts_only_ones(ctx: PassContext, src: fx.Node, node: fx.Node) -> bool:
-        """Same elements in the same order: the expand/repeat is a no-op or a reshape."""
-        return ctx.val(src).numel() == ctx.val(node).numel()
-
-    @staticmethod
-    def _aligned_shape(ctx: PassContext, src: fx.Node, node: fx.Node) -> tuple[int, ...]:
-        in_shape, rank = ctx.shape(src), ctx.rank(node)
-        return (1,) * (rank - len(in_shape)) + in_shape
-
-
-# --- 4. einsum → matmul ----------------------------------------------------------------------
+# --- 1. einsum → matmul ----------------------------------------------------------------------
 
 @dataclass
 class _Operand:
@@ -558,7 +283,7 @@ class EinsumToMatmul(ViewRepairing, GraphPass):
         ctx.replace(node, _Einsum.plan(ctx, node).build())
 
 
-# --- 5. scaled_dot_product_attention → explicit attention -------------------------------------
+# --- 2. scaled_dot_product_attention → explicit attention -------------------------------------
 
 def _sdpa_arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:

@@ -1,9 +1,10 @@
 """Core ML target: coremltools converts the captured program to an ML Program (.mlpackage), iOS 17+.
 
 Parity (:func:`verify`): the saved package is executed by edgevit's MIL reference executor
-(:mod:`edgevit.devices.mil`) in fp32 and fp16 modes on every platform, and on macOS also by Core ML
-itself. The manifest's ``parity.checks`` lists each check that ran and ``parity.verification`` says it
-in words. Only a package whose program uses an op the executor lacks stays "converted, not verified".
+(:mod:`edgevit.export.backends.coreml.mil`) in fp32 and fp16 modes on every platform, and on macOS
+also by Core ML itself. The manifest's ``parity.checks`` lists each check that ran and
+``parity.verification`` says it in words. Only a package whose program uses an op the executor lacks
+stays "converted, not verified".
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def verify(path: Path, samples: list[list[np.ndarray]], refs: list[list[np.ndarr
     gated (Core ML runs fp32 programs on CPU/GPU, not the ANE). Real Core ML predictions gate at the
     artifact's bound. The report's ``outputs`` are those of the check matching the artifact's precision.
     """
-    from edgevit.devices.mil import Fp16RangeObserver, MILExecutor, UnsupportedOpError, load_program
+    from edgevit.export.backends.coreml.mil import Fp16RangeObserver, MILExecutor, UnsupportedOpError, load_program
 
     try:
         program = load_program(path)

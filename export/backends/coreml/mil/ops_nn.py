@@ -8,8 +8,8 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from edgevit.devices.mil.ops_math import erf
-from edgevit.devices.mil.registry import mil_op
+from edgevit.export.backends.coreml.mil.ops_math import erf
+from edgevit.export.backends.coreml.mil.registry import mil_op
 
 # --- linear algebra ---------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ from edgevit.errors import EdgevitError
 
 OpFn = Callable[..., Any]
 
-#: MIL op type -> implementation. Filled by the ``ops_*`` modules when :mod:`edgevit.devices.mil` loads.
+#: MIL op type -> implementation. Filled by the ``ops_*`` modules when
+#: :mod:`edgevit.export.backends.coreml.mil` loads.
 OPS: dict[str, OpFn] = {}
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from edgevit.devices.mil.executor import MILExecutor, MILProgram, Step, _normalise, round_fp16
-from edgevit.devices.mil.registry import OPS
+from edgevit.export.backends.coreml.mil.executor import MILExecutor, MILProgram, Step, _normalise, round_fp16
+from edgevit.export.backends.coreml.mil.registry import OPS
 
 LOSS_TOLERANCE = 1e-2
 UNDERFLOW_FRACTION = 1e-2

@@ -1,4 +1,4 @@
-"""A model's matrix-multiply floors, at the shapes and in the order they run in the exported artifact
+"""A model's matrix-multiply floors (benchmark code: ``benchmarks/speedup_ceiling.py`` uses it), at the shapes and in the order they run in the exported artifact
 (after the export passes): the *linear floor* (its Linear layers alone) and the *matmul floor* (those
 plus its activation-by-activation matrix multiplies, e.g. attention's q k^T and softmax(.) v).
 
@@ -234,3 +234,17 @@ def linear_floor(model: nn.Module, example_inputs: Sequence[torch.Tensor], seed:
     """The :class:`LinearChain` of the Linear calls ``model``'s exported CPU artifacts run; with ``matmuls``
     (the matmul floor) also of their activation-by-activation matrix multiplies."""
     return LinearChain(exported_linear_calls(model, example_inputs, matmuls=matmuls), seed).eval()
+
+
+def chain_from_options(options: dict) -> LinearChain:
+    """The worker's ``builder`` for a floor: ``options["floor"]`` (recorded calls as lists) replayed with
+    weights seeded by ``options["seed"]`` (the calls were recorded once; rebuilding them means a capture)."""
+    return LinearChain([call_from_list(c) for c in options["floor"]], int(options.get("seed", 0)))
+
+
+def builder_options(chain: LinearChain) -> dict:
+    """Worker options that make the eager session time ``chain`` (see :func:`chain_from_options`)."""
+    from pathlib import Path
+
+    return {"builder": "floor:chain_from_options", "builder_path": str(Path(__file__).parent),
+            "floor": [c.to_list() for c in chain.calls]}

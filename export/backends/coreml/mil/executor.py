@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgevit.devices.mil.registry import OPS, UnsupportedOpError
+from edgevit.export.backends.coreml.mil.registry import OPS, UnsupportedOpError
 
 MODES = ("fp32", "fp16")
 

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from edgevit.devices.mil.registry import mil_op
+from edgevit.export.backends.coreml.mil.registry import mil_op
 
 # --- binary -----------------------------------------------------------------------------------------
 

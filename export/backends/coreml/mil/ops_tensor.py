@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgevit.devices.mil.registry import mil_op
+from edgevit.export.backends.coreml.mil.registry import mil_op
 
 
 def _ints(v) -> list[int]:

@@ -1,4 +1,4 @@
-"""Per-head ("split") attention for the Apple Neural Engine.
+"""``ane_split_heads``: per-head ("split") attention for the Apple Neural Engine.
 
 Apple's ml-ane-transformers computes multi-head attention one head at a time on channels-first
 rank-4 tensors: q, k and v are split into per-head (B, d/h, 1, S) chunks, the scores of each head are

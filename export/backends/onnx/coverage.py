@@ -1,0 +1,242 @@
+"""ONNX coverage: what onnxruntime's mobile execution providers would take of an ONNX model.
+
+* NNAPI / Core ML (MLProgram) EPs: onnxruntime's mobile usability checker (its op tables and
+  partitioner), run on the model optimised as an ORT-format conversion would see it;
+* XNNPACK EP: the EP's node-support rules (onnxruntime's ``xnnpack/detail/node_support_checker.cc``);
+* CPU EP: every ONNX op runs, so the check is that an onnxruntime session loads the model.
+
+:func:`coverage` is the backend's entry point (``export/backends/__init__.py``); the shared verdict
+machinery is in :mod:`edgevit.export.coverage`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import pathlib
+import tempfile
+from typing import Any, Iterator
+
+from edgevit.errors import EdgevitError
+from edgevit.export.coverage import Coverage, _mac_shares, _prod, _producers, _Verdicts, _with_fixes
+
+
+def coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
+    """The coverage of the ONNX model at ``path`` on ``accelerator`` (cpu, nnapi, coreml, xnnpack)."""
+    return onnx_cpu_coverage(path) if accelerator == "cpu" else onnx_ep_coverage(path, accelerator)
+
+
+_ORT_EPS = {
+    "nnapi": ("NNAPI", None),
+    "coreml": ("CoreML MLProgram", "coreml_supported_mlprogram_ops.md"),
+}
+
+
+@contextlib.contextmanager
+def _ort_model(path: str | pathlib.Path) -> Iterator[Any]:
+    """The model as an ORT-format conversion sees it: BASIC-level optimised, shapes inferred."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+    from onnxruntime.tools.onnx_model_utils import optimize_model
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise EdgevitError(f"no ONNX model at {path}")
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        optimised = pathlib.Path(tmp) / path.name
+        optimize_model(path, optimised, use_external_initializers=True)
+        yield uc.ModelProtoWithShapeInfo(optimised).model_with_shape_info
+
+
+def onnx_ep_coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
+    """onnxruntime's mobile usability checker for the NNAPI or Core ML (MLProgram) execution provider,
+    or the XNNPACK EP's node-support rules for ``"xnnpack"``.
+
+    Like ``python -m onnxruntime.tools.check_onnx_model_mobile_usability``, the model is first
+    optimised to the BASIC level (what an ORT-format conversion does), then partitioned with fixed
+    input shapes required and the accelerator's rank limit (targets table).
+    """
+    if accelerator == "xnnpack":
+        return _onnx_xnnpack_coverage(path)
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+
+    from edgevit.export.targets import get_target
+
+    label, config = _ORT_EPS[accelerator]
+    # NNAPI: rank <= 4 for most ops; Core ML rejects rank > 5 (the checker's own limit)
+    max_rank = get_target("onnx").accelerator(accelerator).max_rank or 999
+    table = pathlib.Path(uc.__file__).parent / (config or "nnapi_supported_ops.md")
+    with _ort_model(path) as model:
+        info = uc.check_partitioning(model.graph, uc._SupportedOpsChecker(table), True, max_rank)  # noqa: SLF001
+        checker = uc._SupportedOpsChecker(table)  # noqa: SLF001 - the same op table the checker used
+        counts = collections.Counter(n.op_type for n in model.graph.node if not checker.is_op_supported(n))
+        on = {tuple(n.output) for group in info.supported_groups for n in group}
+        macs = _onnx_macs(model.graph)
+        total, supported_macs = _mac_shares(macs, [tuple(n.output) in on for n in model.graph.node])
+    problems = [f"rank>{max_rank}: {op}" for op in sorted(info.ops_with_unsupported_rank)]
+    if info.nodes_unsupported_due_to_dynamic_input:
+        problems.append(f"dynamic shape: {info.nodes_unsupported_due_to_dynamic_input} nodes with dynamic input shapes")
+    return _with_fixes(Coverage(
+        accelerator=f"onnx:{accelerator}",
+        checker=f"onnxruntime usability checker ({label})",
+        nodes=info.num_nodes,
+        supported=info.num_supported_nodes,
+        partitions=info.num_partitions,
+        unsupported=dict(sorted(counts.items())),
+        problems=problems,
+        macs_total=total,
+        macs_supported=supported_macs,
+    ))
+
+
+def onnx_cpu_coverage(path: str | pathlib.Path) -> Coverage:
+    """The CPU EP runs every ONNX op: the check is that an onnxruntime session loads the model."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    problems = []
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # the verdict, not a crash: the session is what the CPU EP would run
+        problems.append(f"session: {str(exc).splitlines()[0][:300]}")
+    n = len(model.graph.node)
+    total, on = _mac_shares(_onnx_macs(model.graph), [not problems] * n)
+    return _with_fixes(Coverage("onnx:cpu", "onnxruntime session (CPUExecutionProvider)", n,
+                                0 if problems else n, 0 if problems else 1, problems=problems,
+                                macs_total=total, macs_supported=on))
+
+
+def _onnx_shapes(graph: Any) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
+    shapes.update({init.name: tuple(init.dims) for init in graph.initializer})
+    return shapes
+
+
+def _onnx_macs(graph: Any) -> list[int | None]:
+    """Per node: MACs of MatMul/Gemm/Conv/ConvTranspose from inferred shapes (None: unknown), else 0."""
+    shapes = _onnx_shapes(graph)
+    out: list[int | None] = []
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+            out.append(0)
+            continue
+        a, w, y = (shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0]))
+        if a is None or w is None or y is None:
+            out.append(None)
+        elif node.op_type == "MatMul":
+            out.append(_prod(y) * a[-1])
+        elif node.op_type == "Gemm":
+            trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+            out.append(_prod(y) * (a[0] if trans_a else a[1]))
+        elif node.op_type == "Conv":
+            out.append(_prod(y) * _prod(w[1:]))
+        else:  # ConvTranspose: every input element meets (Cout/groups * kernel) weights
+            out.append(_prod(a) * _prod(w[1:]))
+    return out
+
+
+class _XnnpackEpRules:
+    """The XNNPACK EP's node-support rules (onnxruntime ``xnnpack/detail/node_support_checker.cc``
+    and each kernel's ``IsOnnxNodeSupported``): fp32 Conv/ConvTranspose (2-D, constant weights),
+    MaxPool/AveragePool (2-D), Resize (4-D), Softmax (last axis, static last dim), Gemm and MatMul
+    (A of rank <= 2, constant B of rank <= 2; Gemm alpha == beta == 1, constant C), plus Relu/Clip
+    fused into a supported Conv/pool. Transformer MatMuls on (B, N, C) therefore stay on the CPU EP.
+    """
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.shapes = _onnx_shapes(graph)
+        self.ranks = {vi.name: len(vi.type.tensor_type.shape.dim)
+                      for vi in [*graph.input, *graph.output, *graph.value_info]
+                      if vi.type.tensor_type.HasField("shape")}
+        self.ranks.update({init.name: len(init.dims) for init in graph.initializer})
+        self.types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.output, *graph.value_info]}
+        self.consts = {init.name for init in graph.initializer}
+        self.consts |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+        self.made_by = {o: n for n in graph.node for o in n.output}
+
+    def reasons(self, node: Any) -> list[tuple[str, str]]:
+        """Why the EP would not take ``node`` (empty: it would)."""
+        rule = getattr(self, f"_{node.op_type.lower()}", None)
+        if node.domain not in ("", "ai.onnx") or rule is None:
+            return [("op", "no XNNPACK EP kernel")]
+        return rule(node)
+
+    def _float(self, name: str) -> bool:
+        return self.types.get(name) == 1  # TensorProto.FLOAT
+
+    def _attr(self, node: Any, name: str, default: Any) -> Any:
+        import onnx
+
+        for at in node.attribute:
+            if at.name == name:
+                return onnx.helper.get_attribute_value(at)
+        return default
+
+    def _conv(self, node: Any) -> list[tuple[str, str]]:
+        if self.ranks.get(node.input[0]) != 4 or node.input[1] not in self.consts:
+            return [("xnnpack ep conv", "only 2-D convolutions with constant weights")]
+        return []
+
+    _convtranspose = _conv
+
+    def _maxpool(self, node: Any) -> list[tuple[str, str]]:
+        return [] if self.ranks.get(node.input[0]) == 4 else [("xnnpack ep pool", "only 2-D pooling")]
+
+    _averagepool = _maxpool
+
+    def _resize(self, node: Any) -> list[tuple[str, str]]:
+        return [] if self.ranks.get(node.input[0]) == 4 else [("xnnpack ep resize", "only 4-D resize")]
+
+    def _softmax(self, node: Any) -> list[tuple[str, str]]:
+        rank = self.ranks.get(node.input[0])
+        axis = self._attr(node, "axis", -1)
+        shape = self.shapes.get(node.input[0])
+        if rank is None or axis not in (-1, rank - 1) or not self._float(node.input[0]) or shape is None:
+            return [("softmax axis", f"the XNNPACK EP needs the last axis of a static fp32 tensor, got axis {axis}")]
+        return []
+
+    def _matmul(self, node: Any) -> list[tuple[str, str]]:
+        a, b = node.input[0], node.input[1]
+        if not self._float(a) or self.ranks.get(a, 99) > 2 or self.ranks.get(b, 99) > 2 or b not in self.consts:
+            return [("xnnpack ep matmul", "MatMul needs A of rank <= 2 and a constant B of rank <= 2")]
+        return []
+
+    def _gemm(self, node: Any) -> list[tuple[str, str]]:
+        ok = (self._attr(node, "alpha", 1.0) == 1.0 and self._attr(node, "beta", 1.0) == 1.0
+              and self._float(node.input[0]) and all(i in self.consts for i in node.input[1:] if i))
+        return [] if ok else [("xnnpack ep gemm", "Gemm needs alpha == beta == 1 and constant B, C")]
+
+    def fused(self, node: Any, supported: set[str]) -> bool:
+        """Relu/Clip right after a supported Conv/MaxPool/AveragePool is fused into it."""
+        src = self.made_by.get(node.input[0])
+        consts = all(i in self.consts for i in node.input[1:] if i)
+        return bool(src is not None and src.op_type in ("Conv", "MaxPool", "AveragePool")
+                    and src.output[0] in supported and consts)
+
+
+def _onnx_xnnpack_coverage(path: str | pathlib.Path) -> Coverage:
+    with _ort_model(path) as model:
+        graph = model.graph
+        rules = _XnnpackEpRules(graph)
+        reasons: list[list[tuple[str, str]]] = []
+        supported_names: set[str] = set()
+        for node in graph.node:  # nodes are in topological order, so fusion sees its producer first
+            fused = node.op_type in ("Relu", "Clip") and rules.fused(node, supported_names)
+            r = [] if fused else rules.reasons(node)
+            if not r:
+                supported_names.add(node.output[0])
+            reasons.append(r)
+        verdicts = _Verdicts(
+            ops=[n.op_type for n in graph.node],
+            producers=_producers([list(n.input) for n in graph.node], [list(n.output) for n in graph.node]),
+            reasons=reasons,
+            macs=_onnx_macs(graph),
+        )
+    return verdicts.coverage("onnx:xnnpack", "XNNPACK EP node-support rules (onnxruntime xnnpack EP)")
