@@ -1,3 +1,3 @@
-"""edgevit.devices: runtimes that execute exported artifacts (the latency harness grows here)."""
+"""edgevit.devices: measuring exported artifacts (runners for parity, the bench harness, remote devices)."""
 
-from edgevit.devices.runtimes import RUNNERS, Runner, load_runner  # noqa: F401
+from edgevit.devices.runtimes import Runner, load_runner  # noqa: F401

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import edgevit
-from edgevit.devices.runtimes import OnnxRuntimeRunner
+from edgevit.export.backends.onnx.session import OnnxRuntimeSession
 from edgevit.errors import EdgevitError, MissingBackendError, ParityError
 from edgevit.export import targets as targets_mod
 from edgevit.export.targets import TARGETS
@@ -46,8 +46,8 @@ def test_user_module_needs_example_inputs(tmp_path) -> None:
 
 
 def test_parity_failure_marks_manifest_and_raises(tmp_path, monkeypatch) -> None:
-    run = OnnxRuntimeRunner.run
-    monkeypatch.setattr(OnnxRuntimeRunner, "run", lambda self, inputs: [o + 0.1 for o in run(self, inputs)])
+    run = OnnxRuntimeSession.run
+    monkeypatch.setattr(OnnxRuntimeSession, "run", lambda self, inputs: [o + 0.1 for o in run(self, inputs)])
     with pytest.raises(ParityError) as info:
         edgevit.export_model(TwoHeads(), torch.randn(1, 3, 32, 32), target="onnx", out=tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())

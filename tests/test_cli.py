@@ -114,9 +114,9 @@ def test_export_json_and_parity_failure_exit_code(tmp_path) -> None:
     assert manifest["status"] == "passed" and manifest["parity"]["median_ms"] > 0
     # onnxruntime's outputs corrupted by 1%: parity must fail with exit code 1.
     corrupt = (
-        "import edgevit.devices.runtimes as r\n"
-        "_run = r.OnnxRuntimeRunner.run\n"
-        "r.OnnxRuntimeRunner.run = lambda self, x: [o * 1.01 for o in _run(self, x)]\n"
+        "from edgevit.export.backends.onnx.session import OnnxRuntimeSession as S\n"
+        "_run = S.run\n"
+        "S.run = lambda self, x: [o * 1.01 for o in _run(self, x)]\n"
     )
     proc = run_patched(tmp_path, corrupt, "export", "deit_tiny", "--target", "onnx", "--out", str(tmp_path / "bad"),
                        *small)

@@ -132,9 +132,9 @@ def verify(path: Path, samples: list[list[np.ndarray]], refs: list[list[np.ndarr
         checks.append(entry)
     ran = ["reference executor, fp32 and fp16"]
     if platform.system() == "Darwin":
-        from edgevit.devices.runtimes import CoreMLRunner
+        from edgevit.devices.runtimes import load_runner
 
-        runner = CoreMLRunner(path)
+        runner = load_runner("coreml", path)
         entry, reports["coreml"] = _check("Core ML prediction (macOS, CPU_ONLY)", refs,
                                           [runner.run(s) for s in samples], names, precision, gating=True)
         checks.append(entry)
