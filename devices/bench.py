@@ -383,11 +383,12 @@ def _remote_devices(spec: RemoteSpec, opts: BenchOptions, facts: Facts) -> tuple
     that are unavailable, and (for 'cpu') each CPU runtime whose package is missing there."""
     wanted = spec.devices or opts.device
     chosen = [d for d in resolve_devices(wanted, opts.targets, facts, strict=False) if opts.precision in d.precisions]
-    absent = [(d, d.unavailable_reason(facts), True) for d in chosen if d.unavailable_reason(facts)]
+    reasons = {d.name: d.unavailable_reason(facts) for d in chosen}  # a probe reads facts: once per device
+    absent = [(d, reasons[d.name], True) for d in chosen if reasons[d.name]]
     if "cpu" in check_device_names(wanted):
         absent += [(d, d.unavailable_reason(facts), False) for d in missing_runtimes(facts)
                    if d not in chosen and (not opts.targets or d.target is None or d.target in opts.targets)]
-    return [d for d in chosen if not d.unavailable_reason(facts)], absent
+    return [d for d in chosen if not reasons[d.name]], absent
 
 
 def _absent_row(model: str, device: Device, reason: str | None, requested: bool, host: str,

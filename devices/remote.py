@@ -173,9 +173,7 @@ class Transport:
     def failure(self, proc: subprocess.CompletedProcess, what: str) -> RemoteError:
         """The one-line reason a command failed, classified."""
         err = _text(proc.stderr)
-        lines = [ln.strip() for ln in err.splitlines() if ln.strip() and not ln.startswith("Warning: Permanently")
-                 and "Exiting with failure status" not in ln]  # tar's closing line says nothing
-        last = lines[-1] if lines else f"exit code {proc.returncode}"
+        last = _last_line(err, proc.returncode)
         where = self.spec.address
         # GNU tar reports a full disk as a short write, without ENOSPC's text
         if re.search(r"No space left on device|Disk quota exceeded|Wrote only \d+ of \d+ bytes", err):
@@ -186,6 +184,14 @@ class Transport:
 def shell_path(path: str) -> str:
     """A path for the remote shell: quoted, but a leading ``~/`` left for the shell to expand."""
     return "~/" + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
+
+
+def _last_line(err: str, code: int) -> str:
+    """The line of a failed command's stderr that says why (ssh's host-key notices and tar's closing
+    "Exiting with failure status" say nothing), else its exit code."""
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip() and not ln.startswith("Warning: Permanently")
+             and "Exiting with failure status" not in ln]
+    return lines[-1] if lines else f"exit code {code}"
 
 
 def _text(data: Any) -> str:
@@ -220,7 +226,7 @@ class SshTransport(Transport):
 
     def failure(self, proc: subprocess.CompletedProcess, what: str) -> RemoteError:
         err = _text(proc.stderr)
-        last = ([ln.strip() for ln in err.splitlines() if ln.strip()] or [f"exit code {proc.returncode}"])[-1]
+        last = _last_line(err, proc.returncode)
         if proc.returncode == 255:  # ssh's own failure, not the command's
             where = self.spec.address
             if re.search(r"Permission denied|Too many authentication failures|Host key verification failed", err):
@@ -254,7 +260,7 @@ class AdbTransport(Transport):
 
     def failure(self, proc: subprocess.CompletedProcess, what: str) -> RemoteError:
         err = _text(proc.stderr) + _text(proc.stdout)
-        last = ([ln.strip() for ln in err.splitlines() if ln.strip()] or [f"exit code {proc.returncode}"])[-1]
+        last = _last_line(err, proc.returncode)
         if re.search(r"device .*not found|no devices/emulators found|device offline|device unauthorized|"
                      r"more than one device", err):
             kind = "auth-failed" if "unauthorized" in err else "unreachable"
