@@ -7,7 +7,7 @@ building the model and its example inputs is :func:`edgevit.export.subject.prepa
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +41,14 @@ def export_model(
     strict_passes: bool | None = None,
     init: str = "keep",
     verbose: bool = False,
+    calibration: str | os.PathLike | Iterable[Any] | None = None,
+    evaluation: str | os.PathLike | Iterable[Any] | None = None,
+    quant_scheme: str = "safe",
+    calibration_method: str = "auto",
+    max_drop: float = 1.0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
 ) -> ExportResult:
     """Export a zoo model (by name) or any module to ``target``, check parity, write a manifest.
 
@@ -62,10 +70,26 @@ def export_model(
     logged on the ``edgevit.converters`` logger at DEBUG, or shown (at INFO) with ``verbose=True``.
     A parity failure still writes both (the manifest says ``failed``) and then raises
     :class:`~edgevit.errors.ParityError`, whose ``result`` attribute holds the :class:`ExportResult`.
+
+    Quantized precisions (``"int8"``, ``"w8"``, ``"w4"``; see ``docs/quantization.md``) are made by the
+    backend's own quantizer from the fp32 artifact. ``calibration`` (required for int8) is a folder of
+    images or an iterable of input tensors (or tuples of them); ``evaluation`` a labelled folder
+    (one sub-folder per class) or an iterable of ``(inputs, label)`` pairs: the manifest's
+    ``quantization.accuracy`` (also ``result.accuracy``) then has fp32 and quantized top-1/top-5, the drop
+    with a 95% interval, agreement, cosine and SQNR, and a top-1 drop above ``max_drop`` points fails the
+    export. ``quant_scheme`` is ``"safe"`` (matrix multiplications only) or ``"full"``;
+    ``calibration_method`` ``"auto"`` (the backend's default), ``"percentile"``, ``"entropy"`` or ``"minmax"``; ``mean``/``std``/``crop_pct``
+    override how folder images are preprocessed (default: the model's metadata, crop 0.875).
     """
     options = ExportOptions(
         input_size=input_size, precision=precision, verify=verify, latency_runs=latency_runs, weights=weights,
         passes=passes, accelerator=accelerator, compare_without_passes=compare_without_passes,
-        init=init, strict_passes=strict_passes, verbose=verbose,
+        init=init, strict_passes=strict_passes, verbose=verbose, quant_scheme=quant_scheme,
+        calibration_method=calibration_method, max_drop=max_drop, crop_pct=crop_pct,
+        mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
+        calibration=os.fspath(calibration) if isinstance(calibration, (str, os.PathLike)) else None,
+        evaluation=os.fspath(evaluation) if isinstance(evaluation, (str, os.PathLike)) else None,
     )
-    return run_export(model_or_name, example_inputs, target, out, options, name=name, seed=seed)
+    tensors = {key: value for key, value in (("calibration", calibration), ("evaluation", evaluation))
+               if value is not None and not isinstance(value, (str, os.PathLike))}
+    return run_export(model_or_name, example_inputs, target, out, options, name=name, seed=seed, **tensors)

@@ -294,6 +294,7 @@ def build_manifest(
             "bytes": sum(_size(f) for f in files),
         },
         "parity": parity.to_dict(),
+        **({"quantization": parity.quantization} if parity.quantization is not None else {}),
         "versions": {"edgevit": edgevit.__version__} | tgt.converter_module().versions() | host_info(),
     }
 

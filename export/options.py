@@ -41,6 +41,15 @@ class ExportOptions:
     init: str = "keep"  # "keep" the weights, or "exercise" (re-initialise so every layer passes signal)
     strict_passes: bool | None = None  # None: True when the environment sets EDGEVIT_STRICT_PASSES=1
     verbose: bool = False  # show the converters' own output
+    # quantized precisions (int8, w8, w4): see edgevit/export/quantization/
+    quant_scheme: str = "safe"  # int8: "safe" (transformer-safe preset) or "full" (every op the tool can)
+    calibration_method: str = "auto"  # int8: how activation ranges are calibrated (auto: the backend's default)
+    calibration: str | None = None  # a folder of images to calibrate with (int8: required)
+    evaluation: str | None = None  # a labelled folder (ImageFolder layout): accuracy of fp32 and the artifact
+    max_drop: float = 1.0  # with evaluation: a larger top-1 drop (points) fails the export
+    mean: tuple[float, ...] | None = None  # image normalisation for those folders (default: the model's metadata)
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None  # resize shorter side to size/crop_pct, centre crop (default 0.875)
 
     def strict(self) -> bool:
         """Whether a pass that fails or breaks parity is an error (instead of being rolled back)."""
@@ -56,8 +65,9 @@ class ExportOptions:
             data["weights"] = os.fspath(data["weights"])
         if data["passes"] is not None and not isinstance(data["passes"], str):
             data["passes"] = list(data["passes"])
-        if data["input_shape"] is not None:
-            data["input_shape"] = list(data["input_shape"])
+        for key in ("input_shape", "mean", "std"):
+            if data[key] is not None:
+                data[key] = list(data[key])
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -70,8 +80,9 @@ class ExportOptions:
             data["weights"] = Path(data["weights"])
         if isinstance(data.get("passes"), list):
             data["passes"] = tuple(data["passes"])
-        if data.get("input_shape") is not None:
-            data["input_shape"] = tuple(data["input_shape"])
+        for key in ("input_shape", "mean", "std"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
         return cls(**data)
 
     # --- the command line's checks ------------------------------------------------------------------
@@ -111,13 +122,38 @@ class ExportOptions:
             from edgevit.registry import create_model
 
             create_model(info.name, weights=self.weights, img_size=self.input_size or info.input_size)  # fail early
+        for t in targets:
+            resolve_precision(TARGETS[t], self.precision)
         if target != "all":
-            tgt = TARGETS[targets[0]]
-            resolve_precision(tgt, self.precision)
-            tgt.check_installed()
+            TARGETS[targets[0]].check_installed()
+        self._check_quantization()
         if info is not None:
             return Checked(info.name, info.name, targets)
         return Checked(*self._check_reference(model, build_reference), targets)
+
+    def _check_quantization(self) -> None:
+        """The quantization flags' errors that need no model: what the flags mean, folders that exist."""
+        from edgevit.export.quantization import QuantSpec, is_quantized
+        from edgevit.export.quantization.data import scan_folder
+
+        precision = self.precision or "fp32"
+        if not is_quantized(precision):
+            if self.calibration is not None or self.evaluation is not None:
+                raise EdgevitError(f"--calibration/--eval apply to --precision int8, w8 or w4, not {precision}")
+            return
+        spec = QuantSpec(precision, self.quant_scheme, self.calibration_method)  # unknown scheme/method
+        if spec.calibrated and self.calibration is None:
+            raise EdgevitError(f"--precision {precision} needs calibration data: --calibration DIR (a folder of "
+                               "images the model will see)")
+        if self.compare_without_passes:
+            raise EdgevitError("--compare-without-passes applies to fp32/fp16 exports")
+        if self.max_drop < 0:
+            raise EdgevitError(f"--max-drop must be >= 0 (top-1 points), got {self.max_drop:g}")
+        for flag, folder, labelled in (("--calibration", self.calibration, False), ("--eval", self.evaluation, True)):
+            if folder is not None:
+                scan_folder(folder, flag, labelled)  # missing, empty, no class folders: fail before any child
+        self.calibration = str(Path(self.calibration).resolve()) if self.calibration else None
+        self.evaluation = str(Path(self.evaluation).resolve()) if self.evaluation else None
 
     def _zoo_info(self, model: str) -> Any:
         """The zoo entry of ``model`` (unknown names: the 'did you mean' error), its input size checked."""

@@ -123,6 +123,7 @@ class ParityReport:
     verification: str = ""  # how the numbers were checked, in words (e.g. "verified (reference executor, ...)")
     checks: list[dict[str, Any]] | None = None  # every check that ran, when there are several (Core ML)
     fp16_range: dict[str, Any] | None = None  # Core ML: ops that overflow/underflow/lose precision in fp16
+    quantization: dict[str, Any] | None = None  # quantized artifacts: the manifest's "quantization" record
 
     @property
     def passed(self) -> bool:
@@ -140,6 +141,7 @@ class ParityReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["outputs"] = [o.to_dict() for o in self.outputs] if self.outputs else None
+        d.pop("quantization")  # the manifest's own top-level section
         return d
 
 

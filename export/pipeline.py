@@ -56,6 +56,7 @@ from edgevit.export.manifest import (
 from edgevit.export.options import ExportOptions
 from edgevit.export.parity import ParityReport, compare
 from edgevit.export.passes import PipelineResult, resolve_passes, run_pipeline
+from edgevit.export.quantization import step as quantization
 from edgevit.export.subject import Subject, parity_inputs, prepare_subject
 from edgevit.export.targets import Target, get_target, resolve_precision
 
@@ -78,6 +79,16 @@ class ExportResult:
     def ok(self) -> bool:
         return self.parity.passed
 
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """Quantized artifacts: the tool, what stayed float, sizes, the gate and the accuracy (else None)."""
+        return self.manifest.get("quantization")
+
+    @property
+    def accuracy(self) -> dict[str, Any] | None:
+        """With evaluation data: fp32 and quantized top-1/top-5, the drop [95% CI], agreement, cosine, SQNR."""
+        return (self.quantization or {}).get("accuracy")
+
 
 def run_export(
     model_or_name: nn.Module | str,
@@ -88,8 +99,12 @@ def run_export(
     *,
     name: str | None = None,
     seed: int = 0,
+    calibration: Any = None,
+    evaluation: Any = None,
 ) -> ExportResult:
     """Export ``model_or_name`` to ``target`` in ``out`` with ``options``; see :func:`edgevit.api.export_model`.
+
+    ``calibration``/``evaluation``: the API's tensors for a quantized precision (folders come in ``options``).
 
     Raises :class:`~edgevit.errors.ParityError` (holding the result) after writing a failed manifest.
     """
@@ -101,6 +116,7 @@ def run_export(
     strict = options.strict()
     subject = prepare_subject(model_or_name, example_inputs, options.input_size, name, seed, options.weights,
                               options.init, options.verbose)
+    quant = quantization.plan(tgt, subject, precision, options, calibration, evaluation)  # data checked before converting
     created = missing_dirs(Path(out))  # removed again if this export fails: no empty folder of ours is left
     out_dir = prepare_out_dir(Path(out))
     try:
@@ -117,7 +133,7 @@ def run_export(
         try:
             previous.mkdir()
             _set_aside(out_dir / MANIFEST_NAME, previous)  # the old manifest must not vouch for new files
-            build = Build(tgt, subject, names, precision, options.verify, options.latency_runs)
+            build = Build(tgt, subject, names, precision, options.verify, options.latency_runs, quant)
             parity, pipeline, rollback = build.with_fallback(pipeline, staging, strict)
             without = (without_passes(tgt, subject, names, precision, staging)
                        if options.compare_without_passes else None)
@@ -184,9 +200,12 @@ class Build:
     precision: str
     verify: bool
     latency_runs: int
+    quant: quantization.QuantPlan | None = None
 
     def run(self, pipeline: PipelineResult, where: Path) -> ParityReport:
         staged = where / f"{self.subject.name}{self.tgt.suffix}"
+        if self.quant is not None:
+            return self._quantized(pipeline, staged)
         convert(self.tgt, pipeline, self.subject.example_inputs, staged, self.precision, self.subject.verbose)
         if not self.verify:
             return ParityReport("skipped", self.precision, detail="--no-verify: parity not checked")
@@ -194,6 +213,18 @@ class Build:
                         reference_outputs(pipeline))
         gate_exact_passes(parity, pipeline, self.names)
         return parity
+
+    def _quantized(self, pipeline: PipelineResult, staged: Path) -> ParityReport:
+        """Convert at fp32, quantize with the backend's tool, judge by SQNR (and accuracy on labelled data)."""
+        with converter_output(f"{self.tgt.name} quantizer", self.subject.verbose):  # NNCF & co. print progress
+            info = quantization.build(self.tgt, self.quant, lambda fp32: convert(
+                self.tgt, pipeline, self.subject.example_inputs, fp32, "fp32", self.subject.verbose), staged)
+        if not self.verify:
+            return ParityReport("skipped", self.precision, detail="--no-verify: parity not checked",
+                                quantization=self.quant.record() | info)
+        samples = [[t.numpy() for t in s] for s in parity_inputs(self.subject)]
+        with converter_output(self.tgt.runtime, self.subject.verbose):
+            return quantization.judge(self.tgt, staged, self.subject, self.names, self.quant, info, samples)
 
     def with_fallback(self, pipeline: PipelineResult, staging: Path,
                       strict: bool) -> tuple[ParityReport, PipelineResult, dict[str, Any] | None]:

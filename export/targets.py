@@ -14,7 +14,7 @@ from types import ModuleType
 
 from edgevit.errors import EdgevitError, MissingBackendError
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "w8", "w4")  # int8/w8/w4: see export/quantization/
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,29 @@ def export_cmd(
         None, "--out", "-o", help="Output directory [default: exports/MODEL/TARGET; with 'all': exports/MODEL]."
     ),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size [default: the model's]."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 [default: the target's]."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="fp32, fp16, or quantized: int8 (needs --calibration), w8, w4 [default: the "
+        "target's]; 'edgevit targets' shows which target has which."),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="int8: a folder of images to calibrate activation ranges (flat or class "
+        "sub-folders; >= 32 images advised)."),
+    evaluation: Optional[Path] = typer.Option(
+        None, "--eval", help="Quantized: a labelled folder (one sub-folder per class): top-1/top-5 of fp32 and "
+        "the artifact, the drop with a 95% interval."),
+    quant_scheme: str = typer.Option(
+        "safe", "--quant-scheme", help="int8: 'safe' (Linear/Conv/MatMul only; norms, softmax, GELU, residual "
+        "adds stay float) or 'full' (every op the tool can)."),
+    calibration_method: str = typer.Option(
+        "auto", "--calibration-method", help="int8: percentile, entropy or minmax activation ranges [default "
+        "'auto': the backend's own default, see docs/quantization.md]."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="With --eval: a larger top-1 drop (points) fails the "
+                                   "export (exit 1)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Image normalisation mean, e.g. 0.485,0.456,0.406 "
+                                       "[default: the model's metadata]."),
+    std: Optional[str] = typer.Option(None, "--std", help="Image normalisation std [default: the model's]."),
+    crop_pct: Optional[float] = typer.Option(
+        None, "--crop-pct", help="Folder images: resize the shorter side to size/crop_pct, centre-crop "
+        "[default: 0.875; 1.0 resizes the whole image]."),
     weights: Optional[Path] = typer.Option(
         None, "--weights", help="Checkpoint (.safetensors or torch file, read weights-only, loaded strictly) "
         "[default: zoo: random, seed 0; folder: its own weights; factory: its own init]."
@@ -83,7 +105,11 @@ def export_cmd(
             opts = ExportOptions(input_size=input_size, precision=precision, verify=not no_verify,
                                  latency_runs=latency_runs, weights=weights, passes=passes, accelerator=accelerator,
                                  compare_without_passes=compare_without_passes, input_shape=parse_shape(input_shape),
-                                 init=init, strict_passes=True if strict_passes else None, verbose=verbose)
+                                 init=init, strict_passes=True if strict_passes else None, verbose=verbose,
+                                 calibration=str(calibration) if calibration else None,
+                                 evaluation=str(evaluation) if evaluation else None, quant_scheme=quant_scheme,
+                                 calibration_method=calibration_method, max_drop=max_drop, crop_pct=crop_pct,
+                                 mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
             name, arg, targets = opts.check(model, target, build_reference=not in_process)
         base = out or (Path("exports") / name if target == "all" else Path("exports") / name / target)
         created = missing_dirs(base)
@@ -107,6 +133,16 @@ def export_cmd(
         fail(manifests[0]["error"])
     report(manifests, as_json)
     raise typer.Exit(exit_code(manifests))
+
+
+def parse_floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
+    """``--mean 0.5,0.5,0.5`` as a tuple; a malformed list is a one-line error."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise EdgevitError(f"{flag} takes comma-separated numbers, e.g. 0.5,0.5,0.5; got '{text}'") from None
 
 
 def _export_here(model: str, target: str, out: Path, opts: ExportOptions) -> dict[str, Any]:
@@ -167,12 +203,14 @@ def report(manifests: list[dict], as_json: bool) -> None:
         out_console.print_json(to_json(manifests))
         return
     table = Table(title=f"parity vs PyTorch: {manifests[0]['model']['name']}")
-    for col in ("target", "precision", "status", "max abs err", "err/peak", "cosine", "top-1", "top-5",
-                "median ms", "passes (sites)"):
-        table.add_column(col, justify="left" if col in ("target", "status") else "right")
+    quantized = any(m.get("quantization") for m in manifests)
+    columns = ["target", "precision", "status", "max abs err", "err/peak", "cosine", "top-1", "top-5", "median ms",
+               "passes (sites)"] + (["size", "SQNR dB", "accuracy (top-1 %)"] if quantized else [])
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("target", "status", "accuracy (top-1 %)") else "right")
     for m in manifests:
         if m["status"] == "error":
-            table.add_row(m["target"], "-", "[red]error[/]", *["-"] * 7)
+            table.add_row(m["target"], "-", "[red]error[/]", *["-"] * (len(columns) - 3))
             continue
         p = m["parity"]
         outs = p.get("outputs") or []
@@ -186,6 +224,7 @@ def report(manifests: list[dict], as_json: bool) -> None:
             _fmt(err, ".2e"), _fmt(max(ratios) if ratios else None, ".1e"),
             _fmt(worst("cosine", min), ".7f"), _fmt(worst("top1_agreement", min), ".2f"),
             _fmt(worst("top5_agreement", min), ".2f"), _fmt(p.get("median_ms"), ".2f"), passes_cell(m),
+            *(quantization_cells(m) if quantized else []),
         )
     out_console.print(table)
     for m in manifests:
@@ -202,6 +241,12 @@ def report(manifests: list[dict], as_json: bool) -> None:
                               f"{m['model'].get('reference', m['model']['name'])} -t {m['target']}'): "
                               + "; ".join(i["op"] for i in issues[:5]), highlight=False)
     for m in manifests:
+        q = m.get("quantization")
+        if q:
+            kept = ", ".join(f"{op} x{n}" for op, n in sorted(q.get("float_ops", {}).items())) or "none"
+            out_console.print(f"{m['target']} {m['precision']}: {q['tool']}; weights {q['weights']}, activations "
+                              f"{q['activations']}; stayed float: {kept}", highlight=False, soft_wrap=True)
+    for m in manifests:
         for r in rolled_back(m):  # the passes never cost a model its export, but the user must know
             err_console.print(f"[yellow]warning:[/] {m['target']}: pass {r['name']} rolled back: "
                               f"{escape(r['reason'] or '')}", highlight=False, soft_wrap=True)
@@ -215,6 +260,19 @@ def report(manifests: list[dict], as_json: bool) -> None:
             detail = m["parity"].get("detail") or f"see {m.get('artifact_path', 'the manifest')}"
             verdict = "parity failed" if m["status"] == "failed" else "parity not judged"
             err_console.print(f"[red]{verdict}[/] for {m['target']}: {escape(detail)}", soft_wrap=True)
+
+
+def quantization_cells(manifest: dict) -> list[str]:
+    """size (and vs fp32), SQNR against fp32, and the accuracy on labelled data, for a quantized row."""
+    size = f"{manifest['artifact']['bytes'] / 1e6:.2f} MB"
+    q = manifest.get("quantization")
+    if not q:
+        return [size, "-", "-"]
+    sqnr = min((o["sqnr_db"] for o in (q.get("gate") or {}).get("outputs", [])), default=None)
+    acc = q.get("accuracy")
+    cell = "-" if not acc else (f"{acc['fp32_top1']:.1f} -> {acc['top1']:.1f} (drop {acc['top1_drop']:+.2f} "
+                                f"[{acc['top1_drop_ci95'][0]:+.2f}, {acc['top1_drop_ci95'][1]:+.2f}])")
+    return [f"{size} ({q['size_ratio']:.2f}x)", _fmt(sqnr, ".1f"), cell]
 
 
 def passes_cell(manifest: dict) -> str:

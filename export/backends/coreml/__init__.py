@@ -14,13 +14,14 @@ BACKEND = Backend(
         module="backends.coreml.convert",
         requires=("coremltools",),
         extra="coreml",
-        precisions=("fp16", "fp32"),
+        precisions=("fp16", "fp32", "int8", "w8", "w4"),
         default_precision="fp16",
         accelerators=(
             Accelerator("ane", "Apple Neural Engine (ComputeUnit.ALL / CPU_AND_NE)", 5,
                         "ANE rules over the MIL program; MLComputePlan on macOS"),
         ),
-        precision_notes="fp16 is the ML Program default and the only precision the Neural Engine runs",
+        precision_notes="fp16 is the ML Program default and the only precision the Neural Engine runs"
+                        "; int8: activations calibrated by edgevit's MIL executor + int8 weights; w8/w4: linear_quantize_weights",
     ),
     # the passes each accelerator runs, in ORDER (export/passes/__init__.py)
     # ane: the generic rewrites, finite masks for fp16, static gathers, then the Neural Engine layout passes.

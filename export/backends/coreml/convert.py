@@ -91,6 +91,26 @@ def versions() -> dict[str, str]:
     return {name: version(name) for name in ("torch", "coremltools")} | {"deployment_target": DEPLOYMENT_TARGET}
 
 
+def run(path: Path, samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """The package's outputs on each sample: Core ML itself on macOS, else the MIL reference executor in
+    fp32 mode (what quantized packages are judged and evaluated with on Linux)."""
+    if platform.system() == "Darwin":
+        from edgevit.devices.runtimes import load_runner
+
+        runner = load_runner("coreml", path)
+        return [runner.run(list(s)) for s in samples]
+    from edgevit.export.backends.coreml.mil import MILExecutor, UnsupportedOpError, load_program
+    from edgevit.errors import EdgevitError
+
+    program = load_program(path)
+    try:
+        program.check_supported()
+    except UnsupportedOpError as exc:
+        raise EdgevitError(f"the quantized package cannot be verified here: {exc}") from None
+    executor = MILExecutor(program, "fp32")
+    return [executor.run(list(s)) for s in samples]
+
+
 def _check(name: str, refs: list[list[np.ndarray]], outs: list[list[np.ndarray]], names: list[str],
            tolerance: str, gating: bool) -> tuple[dict[str, Any], ParityReport]:
     report = compare(refs, outs, names, tolerance)

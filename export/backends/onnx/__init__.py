@@ -14,7 +14,7 @@ BACKEND = Backend(
         module="backends.onnx.convert",
         requires=("onnx", "onnxscript", "onnxruntime"),
         extra="onnx",
-        precisions=("fp32", "fp16"),
+        precisions=("fp32", "fp16", "int8", "w8", "w4"),
         default_precision="fp32",
         accelerators=(
             Accelerator("cpu", "onnxruntime CPU execution provider", None, "onnxruntime session"),
@@ -25,7 +25,8 @@ BACKEND = Backend(
             Accelerator("coreml", "Core ML execution provider (MLProgram)", 5,
                         "onnxruntime mobile usability checker (CoreML MLProgram)"),
         ),
-        precision_notes="fp16: float16 graph with fp32 inputs/outputs (onnxruntime float16 converter)",
+        precision_notes="fp16: float16 graph with fp32 inputs/outputs (onnxruntime float16 converter)"
+                        "; int8: onnxruntime quantize_static (QDQ, s8s8, per-channel); w8/w4: int8 / 4-bit weights",
     ),
     # the passes each accelerator runs, in ORDER (export/passes/__init__.py)
     # cpu/xnnpack/coreml: the generic rewrites (+ fuse_gelu: onnxruntime fuses one Gelu); xnnpack: its softmax

@@ -14,7 +14,7 @@ BACKEND = Backend(
         module="backends.openvino.convert",
         requires=("openvino",),
         extra="openvino",
-        precisions=("fp32", "fp16"),
+        precisions=("fp32", "fp16", "int8", "w8", "w4"),
         default_precision="fp32",
         accelerators=(
             Accelerator("cpu", "OpenVINO CPU plugin", None, "Core.query_model"),
@@ -22,7 +22,8 @@ BACKEND = Backend(
             Accelerator("npu", "OpenVINO NPU plugin (static shapes, f16)", None,
                         "Core.query_model if present + static-shape rules"),
         ),
-        precision_notes="fp16: IR weights compressed to float16; inference precision as OpenVINO reports it",
+        precision_notes="fp16: IR weights compressed to float16; inference precision as OpenVINO reports it"
+                        "; int8: NNCF quantize; w8/w4: NNCF compress_weights",
     ),
     # the passes each accelerator runs, in ORDER (export/passes/__init__.py)
     # cpu: the fused projection split (measured faster); gpu/npu: finite masks for their f16 arithmetic.

@@ -14,7 +14,7 @@ BACKEND = Backend(
         module="backends.tflite.convert",
         requires=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
         extra="tflite",
-        precisions=("fp32", "fp16"),
+        precisions=("fp32", "fp16", "int8", "w8", "w4"),
         default_precision="fp32",
         accelerators=(
             Accelerator("xnnpack", "LiteRT CPU with the XNNPACK delegate", 6, "LiteRT interpreter"),
@@ -22,7 +22,8 @@ BACKEND = Backend(
                         "TensorFlow Lite analyzer (gpu_compatibility) + rank<=4 / batch 1 scan"),
             Accelerator("nnapi", "LiteRT NNAPI delegate", 4, "rank<=4 scan + NNAPI op list"),
         ),
-        precision_notes="fp16: float16 weights dequantized at load (ai-edge-quantizer float casting)",
+        precision_notes="fp16: float16 weights dequantized at load (ai-edge-quantizer float casting)"
+                        "; int8: ai-edge-quantizer static wi8/ai8; w8/w4: weight-only wi8/wi4",
         converter_input="module",  # litert-torch exports the module itself
     ),
     # the passes each accelerator runs, in ORDER (export/passes/__init__.py)
