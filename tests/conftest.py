@@ -69,16 +69,19 @@ def executor_vs_onnxruntime() -> Callable[..., object]:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--full-zoo", action="store_true",
                      help="also run the tests marked full_zoo (every zoo model, not one per family; ~1 h)")
+    parser.addoption("--full-quant", action="store_true",
+                     help="also run the tests marked full_quant (the whole trained-model quantization table)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # full_zoo tests repeat the per-family checks on every variant: too long for the 30-minute CI, so they
     # run only when asked for (the nightly workflow, and before a release).
-    if not config.getoption("--full-zoo"):
-        deselected = [item for item in items if item.get_closest_marker("full_zoo")]
-        if deselected:
-            config.hook.pytest_deselected(items=deselected)
-            items[:] = [item for item in items if not item.get_closest_marker("full_zoo")]
+    for option, marker in (("--full-zoo", "full_zoo"), ("--full-quant", "full_quant")):
+        if not config.getoption(option):
+            deselected = [item for item in items if item.get_closest_marker(marker)]
+            if deselected:
+                config.hook.pytest_deselected(items=deselected)
+                items[:] = [item for item in items if not item.get_closest_marker(marker)]
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 
