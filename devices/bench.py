@@ -78,6 +78,9 @@ def check_options(opts: BenchOptions) -> list[Device]:
     from edgevit.references import is_reference
     from edgevit.registry import check_input_memory, check_requested_size
 
+    if opts.precision in ("int8", "w8", "w4"):  # export precisions the bench does not measure yet
+        raise EdgevitError(f"edgevit bench measures {', '.join(BENCH_PRECISIONS)}; {opts.precision} artifacts are made "
+                           f"and judged by 'edgevit export --precision {opts.precision}'")
     if opts.precision not in BENCH_PRECISIONS:
         raise EdgevitError(f"unknown precision '{opts.precision}'; choose one of: {', '.join(BENCH_PRECISIONS)}")
     if opts.runs < 1 or opts.rounds < 1 or opts.warmup < 0:

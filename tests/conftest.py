@@ -7,6 +7,7 @@ from typing import Callable
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -64,6 +65,80 @@ def executor_vs_onnxruntime() -> Callable[..., object]:
         return compare([runner.run([x])], [MILExecutor(program, "fp32").run([x])], program.outputs, precision)
 
     return check
+
+
+# --- a seeded tiny ViT for the quantization tests (test_quant_{onnx,openvino,tflite,coreml}.py) ---------------
+
+
+class QuantBlock(nn.Module):
+    """Pre-norm transformer block: attention, then a GELU MLP of width ``mlp``, each inside a residual add.
+    ``attention="mha"`` is nn.MultiheadAttention; ``"qkv"`` is a fused qkv Linear, explicit scaled softmax
+    attention (two batch matmuls) and an output Linear."""
+
+    def __init__(self, dim: int, mlp: int, heads: int = 4, attention: str = "mha") -> None:
+        super().__init__()
+        if attention not in ("mha", "qkv"):
+            raise ValueError(f"attention must be 'mha' or 'qkv', not {attention!r}")
+        self.heads, self.fused_qkv = heads, attention == "qkv"
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        if self.fused_qkv:
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        else:
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_qkv:
+            b, n, d = x.shape
+            q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            attn = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(-1)
+            x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        else:
+            h = self.norm1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class QuantTinyViT(nn.Module):
+    """Conv patch embedding (4x4 patches of a 16x16 image: 16 tokens), optional learned position embedding,
+    ``depth`` QuantBlocks, final LayerNorm, mean over the tokens, Linear head to 10 classes."""
+
+    def __init__(self, dim: int = 256, depth: int = 2, mlp: int | None = None, heads: int = 4,
+                 attention: str = "mha", pos_embed: bool = True) -> None:
+        super().__init__()
+        mlp = 2 * dim if mlp is None else mlp
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 16, dim)) if pos_embed else None
+        self.blocks = nn.Sequential(*[QuantBlock(dim, mlp, heads, attention) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        if self.pos is not None:
+            x = x + self.pos
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+@pytest.fixture(scope="session")
+def seeded_vit() -> Callable[..., nn.Module]:
+    """``make(dim=256, depth=2, mlp=None, heads=4, attention="mha", pos_embed=True, perturb=True, seed=0)``:
+    ``torch.manual_seed(seed)``, a new QuantTinyViT in eval mode (``mlp`` defaults to ``2 * dim``). With
+    ``perturb`` every 1-D parameter (LayerNorm affines, biases) is set to 1 + 0.1 N(0, 1) (weights) or
+    0.1 N(0, 1) (biases), so no pass can drop them as identities. The global generator is left where the
+    model's construction left it, so a ``torch.randn`` example input that follows is seeded too."""
+
+    def make(dim: int = 256, depth: int = 2, mlp: int | None = None, heads: int = 4, attention: str = "mha",
+             pos_embed: bool = True, perturb: bool = True, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        model = QuantTinyViT(dim, depth, mlp, heads, attention, pos_embed).eval()
+        if perturb:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if param.ndim == 1:
+                        param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(param.shape))
+        return model
+
+    return make
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

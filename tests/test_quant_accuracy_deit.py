@@ -9,10 +9,12 @@ rest of the table (w4) runs with --full-quant.
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmark code, not the package
 import quant_accuracy  # noqa: E402
@@ -37,3 +39,32 @@ def test_deit_quantized_within_goals(trained: tuple, tmp_path: Path, target: str
     assert fp32_top1 >= quant_models.MIN_TOP1["deit"]  # trained() raises below it: a broken run is an error
     row = quant_accuracy.run_cell(model, "deit", folders, target, precision, tmp_path)
     assert not row["goal_failures"], f"deit {target} {precision}: {row['goal_failures']}"
+
+
+def with_outlier_channels(model: torch.nn.Module, channels: tuple[int, ...] = (5, 77, 150),
+                          factor: float = 30.0) -> torch.nn.Module:
+    """The same function with a few LayerNorm output channels ``factor`` times larger, as trained ViTs have:
+    each norm's weight and bias scaled, the next Linear's input columns divided (exact up to rounding)."""
+    stressed = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in stressed.blocks:
+            for norm, linear in ((block.norm1, block.attn.qkv), (block.norm2, block.mlp.fc1)):
+                norm.weight[list(channels)] *= factor
+                norm.bias[list(channels)] *= factor
+                linear.weight[:, list(channels)] /= factor
+    return stressed
+
+
+def test_outlier_channels_cost_the_full_scheme_more_than_the_safe_preset(trained: tuple, tmp_path: Path) -> None:
+    """Per-tensor int8 spends its levels on the outliers: both schemes quantize the Linear inputs where they sit
+    (SQNR falls ~13 dB from the unstressed model's for safe, ~10 dB for full); full adds the noise of the
+    norms, softmax and residual adds on top, which is what takes it past the goal. Measured (2026-12-04):
+    safe -0.2 points / 20.7 dB, full +1.0 point / 17.9 dB; unstressed: safe 34.1 dB, full 28.1 dB."""
+    model, folders, fp32_top1 = trained
+    stressed = with_outlier_channels(model)
+    assert quant_models.top1(stressed, folders["eval"], 32) == pytest.approx(fp32_top1, abs=0.25)  # same function
+    safe = quant_accuracy.run_cell(stressed, "deit", folders, "onnx", "int8", tmp_path / "safe", scheme="safe")
+    full = quant_accuracy.run_cell(stressed, "deit", folders, "onnx", "int8", tmp_path / "full", scheme="full")
+    assert safe["drop"] <= quant_accuracy.GOALS["int8"]["max_drop"], safe
+    assert full["sqnr_db"] < safe["sqnr_db"], (full["sqnr_db"], safe["sqnr_db"])
+    assert full["drop"] > safe["drop"], (full["drop"], safe["drop"])

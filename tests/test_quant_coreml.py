@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from edgevit.errors import EdgevitError
 from edgevit.export.backends.coreml.mil import MILExecutor, load_program
@@ -27,42 +26,17 @@ from edgevit.export.backends.coreml import quantize as cq  # noqa: E402
 DIM, MLP, CONVS = 128, 512, 10
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
-        self.attn = nn.MultiheadAttention(DIM, 4, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(DIM, MLP), nn.GELU(), nn.Linear(MLP, DIM))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyViT(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, DIM, 4, 4)
-        self.blocks = nn.Sequential(Block(), Block())
-        self.norm, self.head = nn.LayerNorm(DIM), nn.Linear(DIM, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.patch(x).flatten(2).transpose(1, 2))
-        return self.head(self.norm(x).mean(1))
-
-
 def images(n: int, seed: int) -> list[list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [[rng.standard_normal((1, 3, 16, 16)).astype(np.float32)] for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
-def fp32_package(tmp_path_factory) -> Path:
+def fp32_package(tmp_path_factory, seeded_vit) -> Path:
     from edgevit.api import export_model
 
-    torch.manual_seed(0)
-    model = TinyViT().eval()
+    # conftest's seeded ViT, no position embedding, PyTorch's default initialisation
+    model = seeded_vit(DIM, mlp=MLP, pos_embed=False, perturb=False)
     out = tmp_path_factory.mktemp("coreml_fp32")
     return export_model(model, (torch.randn(1, 3, 16, 16),), target="coreml", out=out, precision="fp32",
                         passes="auto").artifact

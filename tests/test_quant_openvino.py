@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -24,50 +23,14 @@ from edgevit.export.quantization.gate import required_sqnr_db, sqnr_db  # noqa: 
 DIM = 256  # wide enough that Linear/Conv weights dominate the IR (the .xml is ~100 kB whatever the size)
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, 4, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyViT(nn.Module):
-    """4x4 patches of a 16x16 image, 2 blocks, mean-pooled head (ReduceMean before the last MatMul)."""
-
-    def __init__(self, dim: int = DIM) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, 4, 4)
-        self.pos = nn.Parameter(0.02 * torch.randn(1, 16, dim))
-        self.blocks = nn.Sequential(Block(dim), Block(dim))
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        return self.head(self.norm(self.blocks(x)).mean(1))
-
-
-def seeded_model() -> TinyViT:
-    torch.manual_seed(0)
-    model = TinyViT().eval()
-    with torch.no_grad():  # non-trivial LayerNorm affines and biases, so no pass can drop them
-        for name, param in model.named_parameters():
-            if param.ndim == 1:
-                param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(param.shape))
-    return model
-
-
 @pytest.fixture(scope="module")
-def fp32(tmp_path_factory) -> Path:
+def fp32(tmp_path_factory, seeded_vit) -> Path:
     from edgevit.api import export_model
 
     out = tmp_path_factory.mktemp("openvino_fp32")
-    return Path(export_model(seeded_model(), (torch.randn(1, 3, 16, 16),), target="openvino", out=out,
+    # conftest's seeded ViT: 4x4 patches of a 16x16 image, 2 blocks, mean-pooled head (ReduceMean before the
+    # last MatMul); non-trivial LayerNorm affines and biases, so no pass can drop them
+    return Path(export_model(seeded_vit(DIM), (torch.randn(1, 3, 16, 16),), target="openvino", out=out,
                              precision="fp32", passes="auto").artifact)
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 pytest.importorskip("ai_edge_quantizer")
 pytest.importorskip("litert_torch")
@@ -25,37 +24,10 @@ SHAPE = (1, 3, 16, 16)
 TRANSFORMER_FLOAT_OPS = ("MEAN", "SQUARED_DIFFERENCE", "RSQRT", "SOFTMAX", "GELU", "ADD")
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(-1)
-        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyViT(nn.Module):
-    def __init__(self, dim: int = 64, depth: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Conv2d(3, dim, 4, 4)
-        self.blocks = nn.Sequential(*[Block(dim) for _ in range(depth)])
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x).flatten(2).transpose(1, 2)
-        return self.head(self.norm(self.blocks(x)).mean(1))
-
-
-def _export(tmp: Path, dim: int, depth: int) -> Path:
-    torch.manual_seed(0)
-    model = TinyViT(dim, depth).eval()
+def _export(seeded_vit, tmp: Path, dim: int, depth: int) -> Path:
+    # conftest's seeded ViT with a fused-qkv attention (explicit softmax and batch matmuls), no position
+    # embedding and PyTorch's default initialisation
+    model = seeded_vit(dim, depth, attention="qkv", pos_embed=False, perturb=False)
     return Path(export_model(model, (torch.randn(SHAPE),), target="tflite", out=tmp, precision="fp32",
                              passes="auto").artifact)
 
@@ -75,8 +47,8 @@ def _run(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fp32(tmp_path_factory) -> tuple[Path, np.ndarray]:
-    artifact = _export(tmp_path_factory.mktemp("tiny"), dim=64, depth=2)
+def fp32(tmp_path_factory, seeded_vit) -> tuple[Path, np.ndarray]:
+    artifact = _export(seeded_vit, tmp_path_factory.mktemp("tiny"), dim=64, depth=2)
     return artifact, _run(artifact)
 
 
@@ -148,10 +120,10 @@ def test_weight_only(fp32, precision: str, bits: str) -> None:
     _check_numerics(fp32, out, info, precision)
 
 
-def test_weight_only_sizes(tmp_path) -> None:
+def test_weight_only_sizes(tmp_path, seeded_vit) -> None:
     """A model whose file is mostly Linear/Conv weights (at dim 64, tensor names weigh as much as the int8
     weights): w8 <= 0.30x of fp32, w4 smaller still."""
-    fp32_artifact = _export(tmp_path, dim=256, depth=1)
+    fp32_artifact = _export(seeded_vit, tmp_path, dim=256, depth=1)
     sizes = {p: _quantize(fp32_artifact, p)[0].stat().st_size / fp32_artifact.stat().st_size for p in ("w8", "w4")}
     assert sizes["w8"] <= 0.30, sizes
     assert sizes["w4"] < 0.75 * sizes["w8"], sizes

@@ -268,10 +268,16 @@ def quantization_cells(manifest: dict) -> list[str]:
     q = manifest.get("quantization")
     if not q:
         return [size, "-", "-"]
-    sqnr = min((o["sqnr_db"] for o in (q.get("gate") or {}).get("outputs", [])), default=None)
+    gate = q.get("gate") or {}
+    sqnr = min((o["sqnr_db"] for o in gate.get("outputs", [])), default=None)
+    agreement = min((o["agreement"] for o in gate.get("outputs", []) if "agreement" in o), default=None)
     acc = q.get("accuracy")
-    cell = "-" if not acc else (f"{acc['fp32_top1']:.1f} -> {acc['top1']:.1f} (drop {acc['top1_drop']:+.2f} "
-                                f"[{acc['top1_drop_ci95'][0]:+.2f}, {acc['top1_drop_ci95'][1]:+.2f}])")
+    if acc:
+        cell = (f"{acc['fp32_top1']:.1f} -> {acc['top1']:.1f} (drop {acc['top1_drop']:+.2f} "
+                f"[{acc['top1_drop_ci95'][0]:+.2f}, {acc['top1_drop_ci95'][1]:+.2f}])")
+    else:  # no labels: how often the artifact's top-1 is fp32's, on the gate's samples
+        cell = "-" if agreement is None else (
+            f"agrees with fp32 {100 * agreement:.0f}% ({gate.get('samples')} {gate.get('on', 'samples')})")
     return [f"{size} ({q['size_ratio']:.2f}x)", _fmt(sqnr, ".1f"), cell]
 
 

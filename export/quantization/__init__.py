@@ -25,7 +25,7 @@ manifest records (:data:`INFO_KEYS`). A precision or scheme the backend cannot d
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from edgevit.errors import EdgevitError
@@ -71,6 +71,10 @@ class QuantSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_method(self, methods: tuple[str, ...]) -> "QuantSpec":
+        """This spec with ``method="auto"`` replaced by the backend's default (the first of its ``methods``)."""
+        return replace(self, method=methods[0]) if self.method == "auto" else self
 
 
 def is_quantized(precision: str) -> bool:

@@ -10,7 +10,7 @@ conversion); :func:`build` writes the quantized artifact from a freshly converte
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -128,8 +128,7 @@ def build(tgt: "Target", quant: QuantPlan, convert_fp32: Callable[[Path], None],
 def resolved_spec(tgt: "Target", spec: QuantSpec) -> QuantSpec:
     """``method="auto"`` becomes the backend's default; a method its tool lacks is a one-line error."""
     methods = getattr(quantizer(tgt), "METHODS", ("percentile",))
-    if spec.method == "auto":
-        return replace(spec, method=methods[0])
+    spec = spec.with_method(methods)
     if spec.calibrated and spec.method not in methods:
         raise EdgevitError(f"{tgt.name} cannot calibrate int8 activations by {spec.method}; "
                            f"--calibration-method takes: {', '.join(methods)}")

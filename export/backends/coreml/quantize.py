@@ -84,6 +84,7 @@ def quantize(fp32_artifact: Path, out: Path, spec: QuantSpec,
     """Write the quantized package of ``fp32_artifact`` to ``out``; return the manifest's facts (INFO_KEYS)."""
     ct = _coremltools()
     model = ct.models.MLModel(str(fp32_artifact), skip_model_load=True)  # Linux: no Core ML to load into
+    spec = spec.with_method(METHODS)  # "auto": this tool's default
     if spec.precision == "w8":
         quantized, info = _weights_int8(model), _w8_info()
     elif spec.precision == "w4":

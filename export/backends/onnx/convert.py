@@ -19,7 +19,7 @@ def convert(program: torch.export.ExportedProgram, example_inputs: tuple, out: P
     import onnx
 
     onnx_program = torch.onnx.export(program, example_inputs, dynamo=True, opset_version=OPSET, verbose=False)
-    model = onnx_program.model_proto
+    model = _without_debug_text(onnx_program.model_proto)
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -28,6 +28,27 @@ def convert(program: torch.export.ExportedProgram, example_inputs: tuple, out: P
     onnx.save_model(model, str(out))
     onnx.checker.check_model(str(out))
     return out
+
+
+def _without_debug_text(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """Drop the exporter's per-node debug records (stack traces with this machine's source paths, fx node
+    text): 0.1-1 MB per file that no runtime reads, and no artifact should carry local paths."""
+    def strip(graph: "onnx.GraphProto") -> None:
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.g.node:
+                    strip(attr.g)
+                for sub in attr.graphs:
+                    strip(sub)
+
+    strip(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+    return model
 
 
 def _topologically_sorted(model: "onnx.ModelProto") -> "onnx.ModelProto":

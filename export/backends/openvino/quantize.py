@@ -79,6 +79,7 @@ def quantize(fp32_artifact: Path, out: Path, spec: QuantSpec,
     import openvino as ov
 
     model = ov.Core().read_model(str(fp32_artifact))
+    spec = spec.with_method(METHODS)  # "auto": this tool's default
     if spec.precision == "int8":
         model, info = quantize_int8(model, spec, calibration)
     else:

@@ -65,6 +65,7 @@ def quantize(fp32_artifact: Path, out: Path, spec: QuantSpec,
     """Write the ``spec.precision`` artifact of ``fp32_artifact`` to ``out`` with ai-edge-quantizer."""
     from ai_edge_quantizer import quantizer
 
+    spec = spec.with_method(METHODS)  # "auto": this tool's default
     if spec.precision not in PRECISIONS:
         raise EdgevitError(f"tflite cannot quantize to '{spec.precision}'; choose one of: {', '.join(PRECISIONS)}")
     fp32_artifact, out = Path(fp32_artifact), Path(out)
