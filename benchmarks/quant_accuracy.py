@@ -37,6 +37,19 @@ GOALS: dict[str, dict[str, float | None]] = {
     "w8": {"max_drop": 0.5, "max_size_ratio": 0.30},
     "w4": {"max_drop": None, "max_size_ratio": None},
 }
+#: cells that miss a goal for a reason measured and understood; the tests assert they still miss it (so a fix
+#: is noticed) and that nothing else fails. MobileViT-v2-0.5 with 10 classes: 1.1M weights in 9571 output
+#: channels of small convolutions; the per-channel metadata alone (int8 weights + fp32 scale + bias per channel)
+#: puts the floor at 0.276x (0.293x with TFLite's int64 zero points), and each op's graph structure (and for int8
+#: the quantize/dequantize pair per activation) adds ~0.1-0.3 MB that a 4.5 MB fp32 model does not amortise.
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
+    ("mobilevit_v2", "onnx", "int8"): "size",
+    ("mobilevit_v2", "coreml", "int8"): "size",
+    ("mobilevit_v2", "tflite", "int8"): "size",
+    ("mobilevit_v2", "tflite", "w8"): "size",
+    ("mobilevit_v2", "openvino", "int8"): "size",
+    ("mobilevit_v2", "openvino", "w8"): "size",
+}
 TARGETS = ("onnx", "coreml", "tflite", "openvino")
 PRECISIONS = ("int8", "w8", "w4")
 
@@ -68,6 +81,11 @@ def run_cell(model: torch.nn.Module, family: str, folders: dict[str, Path], targ
     return row
 
 
+def known_failure(row: dict[str, Any]) -> str | None:
+    """The goal a cell is known to miss (:data:`KNOWN_FAILURES`), or None."""
+    return KNOWN_FAILURES.get((row["family"], row["target"], row["precision"]))
+
+
 def goal_failures(row: dict[str, Any]) -> list[str]:
     """Why a row misses its precision's goals (empty: within them)."""
     goal, failures = GOALS[row["precision"]], []
@@ -86,6 +104,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ci = f"[{r['drop_ci95'][0]:+.2f}, {r['drop_ci95'][1]:+.2f}]"
         goals = "ok" if not r["goal_failures"] else "; ".join(r["goal_failures"])
+        goals += " (known)" if known_failure(r) else ""
         lines.append(f"| {r['family']} | {r['target']} | {r['precision']}{'' if r['scheme'] == 'safe' else ' ' + r['scheme']} "
                      f"| {r['fp32_top1']:.2f} | {r['top1']:.2f} | {r['drop']:+.2f} {ci} | {r['agreement']:.3f} "
                      f"| {r['sqnr_db']:.1f} | {r['size_ratio']:.3f} | {goals} |")

@@ -1,7 +1,8 @@
 """What quantization costs, measured: a MobileViT-v2-style model trained on real digits.
 
-As tests/test_quant_accuracy_deit.py (same goals), for the convolution-heavy family; CI runs one int8 and
-one w8 cell, the whole table runs with --full-quant.
+As tests/test_quant_accuracy_deit.py (same goals), for the convolution-heavy family; CI runs three cells, the
+whole table runs with --full-quant. Cells in quant_accuracy.KNOWN_FAILURES must still miss the size goal by
+the margin explained there (and meet the accuracy goal).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import quant_accuracy  # noqa: E402
 import quant_models  # noqa: E402
 
 pytestmark = pytest.mark.slow
-CI_CELLS = [("onnx", "int8"), ("openvino", "w8"), ("tflite", "int8")]
+CI_CELLS = [("onnx", "w8"), ("coreml", "w8"), ("openvino", "int8")]
 
 
 @pytest.fixture(scope="module")
@@ -33,4 +34,8 @@ def test_mobilevit_v2_quantized_within_goals(trained: tuple, tmp_path: Path, tar
     model, folders, fp32_top1 = trained
     assert fp32_top1 >= quant_models.MIN_TOP1["mobilevit_v2"]  # trained() raises below it: a broken run is an error
     row = quant_accuracy.run_cell(model, "mobilevit_v2", folders, target, precision, tmp_path)
-    assert not row["goal_failures"], f"mobilevit_v2 {target} {precision}: {row['goal_failures']}"
+    if quant_accuracy.known_failure(row) == "size":  # still missed, by the amount the docstring explains
+        assert [f for f in row["goal_failures"] if not f.startswith("size")] == [], row["goal_failures"]
+        assert 0.30 < row["size_ratio"] < 0.40, row["size_ratio"]
+    else:
+        assert not row["goal_failures"], f"mobilevit_v2 {target} {precision}: {row['goal_failures']}"

@@ -202,30 +202,8 @@ def report(manifests: list[dict], as_json: bool) -> None:
     if as_json:
         out_console.print_json(to_json(manifests))
         return
-    table = Table(title=f"parity vs PyTorch: {manifests[0]['model']['name']}")
     quantized = any(m.get("quantization") for m in manifests)
-    columns = ["target", "precision", "status", "max abs err", "err/peak", "cosine", "top-1", "top-5", "median ms",
-               "passes (sites)"] + (["size", "SQNR dB", "accuracy (top-1 %)"] if quantized else [])
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("target", "status", "accuracy (top-1 %)") else "right")
-    for m in manifests:
-        if m["status"] == "error":
-            table.add_row(m["target"], "-", "[red]error[/]", *["-"] * (len(columns) - 3))
-            continue
-        p = m["parity"]
-        outs = p.get("outputs") or []
-        worst = lambda key, fn: _worst(outs, key, fn)  # noqa: E731
-        err = worst("max_abs_err", max)
-        ratios = [o["max_abs_err"] / o["peak"] for o in outs if o.get("peak") and o.get("max_abs_err") is not None]
-        status = m["status"]
-        text = p.get("verification") or STATUS_TEXT.get(status, status)
-        table.add_row(
-            m["target"], m["precision"], f"[{STATUS_STYLE.get(status, 'white')}]{text}[/]",
-            _fmt(err, ".2e"), _fmt(max(ratios) if ratios else None, ".1e"),
-            _fmt(worst("cosine", min), ".7f"), _fmt(worst("top1_agreement", min), ".2f"),
-            _fmt(worst("top5_agreement", min), ".2f"), _fmt(p.get("median_ms"), ".2f"), passes_cell(m),
-            *(quantization_cells(m) if quantized else []),
-        )
+    table = quantized_table(manifests) if quantized else parity_table(manifests)
     out_console.print(table)
     for m in manifests:
         if (m.get("parity") or {}).get("checks"):
@@ -262,12 +240,56 @@ def report(manifests: list[dict], as_json: bool) -> None:
             err_console.print(f"[red]{verdict}[/] for {m['target']}: {escape(detail)}", soft_wrap=True)
 
 
+def parity_table(manifests: list[dict]) -> Table:
+    """fp32/fp16: the errors against PyTorch at the precision's rounding bound."""
+    table = Table(title=f"parity vs PyTorch: {manifests[0]['model']['name']}")
+    columns = ["target", "precision", "status", "max abs err", "err/peak", "cosine", "top-1", "top-5", "median ms",
+               "passes (sites)"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("target", "status") else "right")
+    for m in manifests:
+        if m["status"] == "error":
+            table.add_row(m["target"], "-", "[red]error[/]", *["-"] * (len(columns) - 3))
+            continue
+        p = m["parity"]
+        outs = p.get("outputs") or []
+        worst = lambda key, fn: _worst(outs, key, fn)  # noqa: E731
+        err = worst("max_abs_err", max)
+        ratios = [o["max_abs_err"] / o["peak"] for o in outs if o.get("peak") and o.get("max_abs_err") is not None]
+        table.add_row(
+            m["target"], m["precision"], status_cell(m), _fmt(err, ".2e"), _fmt(max(ratios) if ratios else None, ".1e"),
+            _fmt(worst("cosine", min), ".7f"), _fmt(worst("top1_agreement", min), ".2f"),
+            _fmt(worst("top5_agreement", min), ".2f"), _fmt(p.get("median_ms"), ".2f"), passes_cell(m),
+        )
+    return table
+
+
+def quantized_table(manifests: list[dict]) -> Table:
+    """int8/w8/w4: SQNR against fp32 (and the bound), size against fp32, accuracy (docs/quantization.md)."""
+    table = Table(title=f"quantized vs fp32: {manifests[0]['model']['name']}")
+    columns = ["target", "precision", "status", "SQNR dB (bound)", "size (vs fp32)", "accuracy (top-1 %)",
+               "passes (sites)"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("target", "status", "accuracy (top-1 %)") else "right")
+    for m in manifests:
+        if m["status"] == "error":
+            table.add_row(m["target"], "-", "[red]error[/]", *["-"] * (len(columns) - 3))
+            continue
+        table.add_row(m["target"], m["precision"], status_cell(m, short=True), *quantization_cells(m), passes_cell(m))
+    return table
+
+
+def status_cell(manifest: dict, short: bool = False) -> str:
+    status = manifest["status"]
+    text = STATUS_TEXT.get(status, status) if short else manifest["parity"].get("verification") or \
+        STATUS_TEXT.get(status, status)
+    return f"[{STATUS_STYLE.get(status, 'white')}]{text}[/]"
+
+
 def quantization_cells(manifest: dict) -> list[str]:
     """size (and vs fp32), SQNR against fp32, and the accuracy on labelled data, for a quantized row."""
     size = f"{manifest['artifact']['bytes'] / 1e6:.2f} MB"
     q = manifest.get("quantization")
-    if not q:
-        return [size, "-", "-"]
     gate = q.get("gate") or {}
     sqnr = min((o["sqnr_db"] for o in gate.get("outputs", [])), default=None)
     agreement = min((o["agreement"] for o in gate.get("outputs", []) if "agreement" in o), default=None)
@@ -277,8 +299,10 @@ def quantization_cells(manifest: dict) -> list[str]:
                 f"[{acc['top1_drop_ci95'][0]:+.2f}, {acc['top1_drop_ci95'][1]:+.2f}])")
     else:  # no labels: how often the artifact's top-1 is fp32's, on the gate's samples
         cell = "-" if agreement is None else (
-            f"agrees with fp32 {100 * agreement:.0f}% ({gate.get('samples')} {gate.get('on', 'samples')})")
-    return [f"{size} ({q['size_ratio']:.2f}x)", _fmt(sqnr, ".1f"), cell]
+            f"top-1 agrees {100 * agreement:.0f}% ({gate.get('samples')} "
+            f"{'held-out' if 'held-out' in gate.get('on', '') else 'parity'} samples)")
+    bound = gate.get("required_sqnr_db")
+    return [f"{_fmt(sqnr, '.1f')} ({_fmt(bound, '.1f')})", f"{size} ({q['size_ratio']:.2f}x)", cell]
 
 
 def passes_cell(manifest: dict) -> str:
