@@ -224,6 +224,10 @@ def report(manifests: list[dict], as_json: bool) -> None:
             kept = ", ".join(f"{op} x{n}" for op, n in sorted(q.get("float_ops", {}).items())) or "none"
             out_console.print(f"{m['target']} {m['precision']}: {q['tool']}; weights {q['weights']}, activations "
                               f"{q['activations']}; stayed float: {kept}", highlight=False, soft_wrap=True)
+            warning = (q.get("calibration") or {}).get("warning")
+            if warning:  # logged in the export child, whose stderr is not shown: say it here
+                err_console.print(f"[yellow]warning:[/] {m['target']}: {warning}; activation ranges from so few "
+                                  "are unreliable", highlight=False, soft_wrap=True)
     for m in manifests:
         for r in rolled_back(m):  # the passes never cost a model its export, but the user must know
             err_console.print(f"[yellow]warning:[/] {m['target']}: pass {r['name']} rolled back: "
