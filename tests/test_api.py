@@ -82,8 +82,8 @@ def test_missing_backend_names_the_extra(monkeypatch) -> None:
 
 
 def test_unsupported_precision_is_rejected(tmp_path) -> None:
-    with pytest.raises(EdgevitError, match="does not support precision 'int8'"):
-        edgevit.export_model("deit_tiny", target="onnx", out=tmp_path, precision="int8")
+    with pytest.raises(EdgevitError, match="does not support precision 'int4'"):
+        edgevit.export_model("deit_tiny", target="onnx", out=tmp_path, precision="int4")
 
 
 def test_targets_table_is_complete() -> None:

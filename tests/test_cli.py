@@ -57,7 +57,7 @@ def test_targets_json_is_the_table() -> None:
          "error: input size 250 is not a positive multiple of 16, which deit_tiny needs; try 224"),
         (["mobilevit_v2_050", "--target", "tflite", "--input-size", "224"],
          "error: input size 224 is not a positive multiple of 64"),
-        (["deit_tiny", "--target", "onnx", "--precision", "int8"], "error: unknown precision 'int8'"),
+        (["deit_tiny", "--target", "onnx", "--precision", "int4"], "error: unknown precision 'int4'"),
     ],
 )
 def test_bad_input_one_line_exit_2_no_files(tmp_path, args: list[str], message: str) -> None:

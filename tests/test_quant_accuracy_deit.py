@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,16 @@ import quant_models  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CI_CELLS = [(t, p) for t in ("onnx", "coreml", "tflite", "openvino") for p in ("int8", "w8")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Each xdist worker shares 2 cores with another: one thread for torch and (through it) the runtimes, so
+    the evaluation of hundreds of images never oversubscribes the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,9 @@ def run_artifact(tgt: "Target", path: Path, samples: Sequence[Sequence[np.ndarra
         return backend.run(path, samples)
     from edgevit.devices.runtimes import load_runner
 
-    runner = load_runner(tgt.name, path)
+    # the runtime gets torch's thread budget: a caller that limits torch (a test worker sharing the machine,
+    # a sweep's cell) limits the hundreds of evaluation runs too, instead of every runtime taking every core
+    runner = load_runner(tgt.name, path, threads=torch.get_num_threads())
     return [runner.run(list(s)) for s in samples]
 
 
