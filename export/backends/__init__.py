@@ -11,6 +11,7 @@ A backend package (``export/backends/<name>/``) provides, under fixed module nam
 - ``coverage.py``: ``coverage(path, accelerator) -> Coverage``, how much of an artifact an accelerator takes;
 - ``devices.py``: ``ROWS``, the devices-table rows it contributes (runtime, options, probes);
 - ``session.py``: the runtime session that parity and the bench worker both use;
+- ``quantize.py``: int8/w8/w4 with the vendor's tool from the fp32 artifact (see ``export/quantization``);
 - ``passes/`` (optional): passes only this backend wants.
 
 Modules are imported when first needed, so listing the targets does not import a converter. The
