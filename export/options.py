@@ -133,22 +133,19 @@ class ExportOptions:
 
     def _check_quantization(self) -> None:
         """The quantization flags' errors that need no model: what the flags mean, folders that exist."""
-        from edgevit.export.quantization import QuantSpec, is_quantized
+        from edgevit.export.quantization import QuantSpec, check_request, is_quantized
         from edgevit.export.quantization.data import scan_folder
 
         precision = self.precision or "fp32"
         if not is_quantized(precision):
             if self.calibration is not None or self.evaluation is not None:
-                raise EdgevitError(f"--calibration/--eval apply to --precision int8, w8 or w4, not {precision}")
+                raise EdgevitError(f"--calibration/--eval apply to the quantized precisions (int8, w8, w4), "
+                                   f"not {precision}")
             return
-        spec = QuantSpec(precision, self.quant_scheme, self.calibration_method)  # unknown scheme/method
-        if spec.calibrated and self.calibration is None:
-            raise EdgevitError(f"--precision {precision} needs calibration data: --calibration DIR (a folder of "
-                               "images the model will see)")
+        check_request(QuantSpec(precision, self.quant_scheme, self.calibration_method),  # unknown scheme/method too
+                      self.calibration is not None, self.max_drop)
         if self.compare_without_passes:
             raise EdgevitError("--compare-without-passes applies to fp32/fp16 exports")
-        if self.max_drop < 0:
-            raise EdgevitError(f"--max-drop must be >= 0 (top-1 points), got {self.max_drop:g}")
         for flag, folder, labelled in (("--calibration", self.calibration, False), ("--eval", self.evaluation, True)):
             if folder is not None:
                 scan_folder(folder, flag, labelled)  # missing, empty, no class folders: fail before any child

@@ -8,28 +8,16 @@ the margin explained there (and meet the accuracy goal).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmark code, not the package
 import quant_accuracy  # noqa: E402
 import quant_models  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 CI_CELLS = [("onnx", "w8"), ("coreml", "w8"), ("openvino", "int8")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Each xdist worker shares 2 cores with another: one thread for torch and (through it) the runtimes, so
-    the evaluation of hundreds of images never oversubscribes the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -77,5 +77,14 @@ class QuantSpec:
         return replace(self, method=methods[0]) if self.method == "auto" else self
 
 
+def check_request(spec: QuantSpec, calibration_given: bool, max_drop: float) -> None:
+    """The argument errors shared by the CLI's early check and the API's: data the precision needs, --max-drop."""
+    if spec.calibrated and not calibration_given:
+        raise EdgevitError(f"--precision {spec.precision} needs calibration data: --calibration DIR (a folder of "
+                           "images the model will see)")
+    if max_drop < 0:
+        raise EdgevitError(f"--max-drop must be >= 0 (top-1 points), got {max_drop:g}")
+
+
 def is_quantized(precision: str) -> bool:
     return precision in QUANTIZED

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from edgevit.errors import EdgevitError
-from edgevit.export.quantization import QuantSpec, is_quantized
+from edgevit.export.quantization import QuantSpec, check_request, is_quantized
 from edgevit.export.quantization.accuracy import accuracy_report
 from edgevit.export.quantization.data import (
     CalibrationSet,
@@ -69,16 +69,12 @@ def plan(tgt: "Target", subject: "Subject", precision: str, options: "ExportOpti
                                f"not {precision}")
         return None
     spec = resolved_spec(tgt, QuantSpec(precision, options.quant_scheme, options.calibration_method))
-    if spec.calibrated and calibration is None:
-        raise EdgevitError(f"--precision {precision} needs calibration data: --calibration DIR (a folder of images "
-                           "the model will see)")
+    check_request(spec, calibration is not None, options.max_drop)
     prep = _preprocessing(subject, options) if isinstance(calibration, (str, Path)) or \
         isinstance(evaluation, (str, Path)) else None
     calib = calibration_set(calibration, subject.example_inputs, prep) if calibration is not None else None
     evals = (evaluation_set(evaluation, subject.example_inputs, prep, _num_classes(subject))
              if evaluation is not None else None)
-    if options.max_drop < 0:
-        raise EdgevitError(f"--max-drop must be >= 0 (top-1 points), got {options.max_drop:g}")
     return QuantPlan(spec, calib, evals, options.max_drop, prep)
 
 
