@@ -33,7 +33,10 @@ from edgevit.devices.worker import package_version
 from edgevit.errors import EdgevitError
 
 DEFAULT_MODELS = ("deit_tiny", "mobilevit_v2_050")
-BENCH_PRECISIONS = ("fp32", "fp16", "bf16")
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
+QUANTIZED_PRECISIONS = ("int8", "w8", "w4")  # artifacts of the quantization pipeline (export/quantization)
+BENCH_PRECISIONS = FLOAT_PRECISIONS + QUANTIZED_PRECISIONS
+GEMM_PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # precisions with a GEMM probe; w8/w4 multiply in float
 GEMM_N = 2048
 SCHEMA = 1
 
@@ -43,7 +46,7 @@ class BenchOptions:
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     device: str = "cpu"
     targets: list[str] | None = None
-    precision: str = "fp32"
+    precision: str = "fp32"  # one precision or a comma list (fp32,int8): measured in one interleaved run
     runs: int = 40
     rounds: int = 10  # 10 round medians give a 95 % median interval inside the extremes ([x2, x9])
     warmup: int = 5
@@ -59,6 +62,24 @@ class BenchOptions:
     run_timeout_s: float = 300
     input_shape: tuple[int, ...] | None = None  # of the references in ``models`` (zoo models: input_size)
     remotes: list[RemoteSpec] = field(default_factory=list)  # measure there instead of here (one after another)
+    # quantized precisions: the export's quantization settings (docs/quantization.md); without calibration data
+    # the artifacts calibrate on seeded inputs: their speed is that of a real calibration, their accuracy is not
+    calibration: Path | None = None
+    quant_scheme: str = "safe"
+    calibration_method: str = "auto"
+
+    @property
+    def precisions(self) -> list[str]:
+        """The precisions of ``precision`` (a comma list), each once; a quantized precision brings fp32 along
+        (first): a quantized row is judged against its own runtime's fp32 row of the same run."""
+        asked = list(dict.fromkeys(p.strip() for p in self.precision.split(",") if p.strip()))
+        if any(p in QUANTIZED_PRECISIONS for p in asked) and "fp32" not in asked:
+            asked.insert(0, "fp32")
+        return asked
+
+    @property
+    def quantized(self) -> list[str]:
+        return [p for p in self.precisions if p in QUANTIZED_PRECISIONS]
 
     def protocol(self) -> Protocol:
         return Protocol(runs=self.runs, rounds=self.rounds, warmup=self.warmup, budget_s=self.budget_s,
@@ -78,11 +99,7 @@ def check_options(opts: BenchOptions) -> list[Device]:
     from edgevit.references import is_reference
     from edgevit.registry import check_input_memory, check_requested_size
 
-    if opts.precision in ("int8", "w8", "w4"):  # export precisions the bench does not measure yet
-        raise EdgevitError(f"edgevit bench measures {', '.join(BENCH_PRECISIONS)}; {opts.precision} artifacts are made "
-                           f"and judged by 'edgevit export --precision {opts.precision}'")
-    if opts.precision not in BENCH_PRECISIONS:
-        raise EdgevitError(f"unknown precision '{opts.precision}'; choose one of: {', '.join(BENCH_PRECISIONS)}")
+    _check_precisions(opts)
     if opts.runs < 1 or opts.rounds < 1 or opts.warmup < 0:
         raise EdgevitError("--runs and --rounds must be >= 1 and --warmup >= 0")
     if opts.runs < opts.rounds:
@@ -111,14 +128,62 @@ def check_options(opts: BenchOptions) -> list[Device]:
             check_device_names(spec.devices or opts.device)
         _check_passes(opts)
         return []
-    devices = [d for d in resolve_devices(opts.device, opts.targets) if opts.precision in d.precisions]
+    devices = [d for d in resolve_devices(opts.device, opts.targets) if _measures(d, opts) or d.name == BASELINE]
     for d in devices:
         if d.target is not None:
             resolve_passes(opts.passes, d.target, d.accelerator)
+            _check_quant_method(d.target, opts)
     if not [d for d in devices if d.name != BASELINE]:
         raise EdgevitError(f"no runtime on '{opts.device}' measures {opts.precision}"
                            + (f" for targets {','.join(opts.targets)}" if opts.targets else ""))
     return devices
+
+
+def _measures(device: Device, opts: BenchOptions) -> list[str]:
+    """The requested precisions ``device`` measures (eager: its own, else fp32, the baseline)."""
+    mine = [p for p in opts.precisions if p in device.precisions]
+    if device.name == BASELINE:
+        return mine or ["fp32"]
+    return mine
+
+
+def _check_precisions(opts: BenchOptions) -> None:
+    """Known precisions; for quantized ones, the quantization flags and the calibration data."""
+    from edgevit.export.quantization import QuantSpec, check_request
+
+    if not opts.precisions:
+        raise EdgevitError(f"--precision is empty; choose from: {', '.join(BENCH_PRECISIONS)}")
+    for p in opts.precisions:
+        if p not in BENCH_PRECISIONS:
+            raise EdgevitError(f"unknown precision '{p}'; choose from: {', '.join(BENCH_PRECISIONS)} "
+                               "(several: a comma list, e.g. fp32,int8)")
+    for p in opts.quantized:
+        check_request(QuantSpec(p, opts.quant_scheme, opts.calibration_method), True, 1.0)
+    if not opts.quantized and (opts.calibration is not None or opts.quant_scheme != "safe"
+                               or opts.calibration_method != "auto"):
+        raise EdgevitError("--calibration, --quant-scheme and --calibration-method apply to the quantized "
+                           f"precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {opts.precision}")
+    if opts.calibration is not None:
+        _check_calibration(opts.calibration)
+
+
+def _check_calibration(path: Path) -> None:
+    from edgevit.export.quantization.data import is_npz, load_npz_inputs, scan_folder
+
+    if is_npz(path):
+        load_npz_inputs(path)
+    else:
+        scan_folder(path, "--calibration", labelled=False)
+
+
+def _check_quant_method(target: str, opts: BenchOptions) -> None:
+    """A calibration method the target's quantizer lacks is refused before any export."""
+    from edgevit.export.quantization import QuantSpec
+    from edgevit.export.quantization.step import resolved_spec
+    from edgevit.export.targets import get_target
+
+    if "int8" in opts.quantized:
+        resolved_spec(get_target(target), QuantSpec("int8", opts.quant_scheme, opts.calibration_method))
 
 
 def _check_passes(opts: BenchOptions) -> None:
@@ -187,7 +252,7 @@ def _reference_model(ref: str, input_shape: tuple[int, ...] | None, input_size: 
 # --- exports, cached ----------------------------------------------------------------------------
 
 def cache_key(model: str, input_size: int, device: Device, precision: str, passes: str,
-              input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+              input_shape: tuple[int, ...] | None = None, quant: dict[str, Any] | None = None) -> dict[str, Any]:
     """What decides the artifact's bytes: the cache directory is a hash of this.
 
     For a reference that is the reference, its input shape and a hash of its content (a folder's config
@@ -204,7 +269,28 @@ def cache_key(model: str, input_size: int, device: Device, precision: str, passe
     if is_reference(model):
         key |= {"input_shape": list(input_shape or ()), "content": fingerprint(model),
                 "transformers": package_version("transformers")}
+    if quant is not None:  # quantized: the settings and the data decide the bytes, and the quantizer's version
+        key |= {"quantization": quant, "quantizer": _versions(_quantizer_packages(target.name))}
     return key
+
+
+def _quantizer_packages(target: str) -> list[str]:
+    from edgevit.export.backends import get_backend
+
+    return list(getattr(get_backend(target).module("quantize"), "PACKAGES", ()))
+
+
+def quant_settings(opts: BenchOptions, calibration: Path | None) -> dict[str, Any]:
+    """What a quantized export is made with, for the cache key and the rows: scheme, method, data."""
+    return {"scheme": opts.quant_scheme, "method": opts.calibration_method,
+            "calibration": _data_fingerprint(calibration) if calibration is not None else None}
+
+
+def _data_fingerprint(path: Path) -> dict[str, Any]:
+    """A calibration folder or file by its files' names, sizes and modification times (not their bytes)."""
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    listing = "\n".join(f"{p.relative_to(path.parent)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return {"path": str(path.resolve()), "files": len(files), "digest": hashlib.sha256(listing.encode()).hexdigest()[:16]}
 
 
 def _converter_packages(target: str) -> list[str]:
@@ -218,14 +304,18 @@ def _versions(packages: list[str]) -> dict[str, str]:
 
 
 def export_cached(model: str, input_size: int, device: Device, precision: str, opts: BenchOptions,
-                  input_shape: tuple[int, ...] | None = None, name: str | None = None) -> dict[str, Any]:
+                  input_shape: tuple[int, ...] | None = None, name: str | None = None,
+                  calibration: Path | None = None) -> dict[str, Any]:
     """The manifest of a cached export of ``model`` for ``device`` (exported now if missing), with
     ``artifact_path`` and ``cached``; or an error row ``{"status": "error", ...}``. A reference gives its
-    ``input_shape`` and a file-name-safe ``name``."""
+    ``input_shape`` and a file-name-safe ``name``; a quantized precision its ``calibration`` data."""
     from edgevit.export.isolated import export_in_child
     from edgevit.export.options import ExportOptions
+    from edgevit.export.quantization import is_quantized
 
-    key = cache_key(model, input_size, device, precision, opts.passes, input_shape)
+    quantized = is_quantized(precision)
+    quant = quant_settings(opts, calibration if precision == "int8" else None) if quantized else None
+    key = cache_key(model, input_size, device, precision, opts.passes, input_shape, quant)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     where = opts.cache_dir / f"{name or model}-{device.target}-{device.accelerator}-{precision}-{digest}"
     manifest_path = where / "manifest.json"
@@ -237,6 +327,9 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
     options = ExportOptions(precision=precision, latency_runs=0, passes=opts.passes, accelerator=device.accelerator,
                             input_shape=tuple(input_shape) if input_shape else None,
                             input_size=None if input_shape else input_size)
+    if quantized:
+        options.quant_scheme, options.calibration_method = opts.quant_scheme, opts.calibration_method
+        options.calibration = str(calibration) if precision == "int8" and calibration is not None else None
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=where.parent))
     try:
@@ -251,7 +344,8 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
         return row | {"artifact_path": str(artifact), "cached": False, "cache_key": key}
     shutil.rmtree(staging, ignore_errors=True)
     if row.get("status") == "failed":  # parity failed: a wrong artifact is not worth timing
-        return {"status": "error", "error": "parity failed; see 'edgevit export' for the figures"}
+        gate = " (the quantization gate)" if quantized else ""
+        return {"status": "error", "error": f"parity failed{gate}; see 'edgevit export' for the figures"}
     return row
 
 
@@ -311,11 +405,19 @@ def _save_inputs(model: str, input_size: int, where: Path, input_shape: tuple[in
 # --- the run -------------------------------------------------------------------------------------
 
 def roofline(precisions: list[str], opts: BenchOptions, note: Progress, place: _Place | None = None) -> list[dict[str, Any]]:
-    """Sustained GEMM throughput per precision, measured like any configuration (its own process)."""
+    """Sustained GEMM throughput per precision, measured like any configuration (its own process).
+
+    Float precisions: torch's GEMM. int8: each runtime's own integer matmul (its session module's
+    ``INT8_GEMM`` probe, where that runtime is installed on the measuring machine); the int8 bound is
+    the fastest of them."""
     place = place or _Place(None, local_facts(), opts.threads)
     configs = [Config(f"gemm {p}", {"runtime": "gemm", "threads": place.threads,
                                     "options": {"n": GEMM_N, "precision": p}}, {"precision": p})
-               for p in precisions]
+               for p in precisions if p != "int8"]
+    if "int8" in precisions:
+        configs += [Config(f"gemm int8 {key.split(':')[-1]}", {"runtime": key, "threads": place.threads,
+                                                               "options": {"n": GEMM_N}}, {"precision": "int8"})
+                    for key in int8_gemm_probes(place.facts)]
     protocol = Protocol(runs=max(8, opts.rounds), rounds=min(opts.rounds, 4), warmup=2,
                         load_timeout_s=opts.run_timeout_s, run_timeout_s=opts.run_timeout_s)
     rows = []
@@ -328,6 +430,28 @@ def roofline(precisions: list[str], opts: BenchOptions, note: Progress, place: _
                     "best_gflops": m.info["flop"] / summary.min_ms / 1e6}
         rows.append(row)
     return rows
+
+
+def int8_gemm_probes(facts: Facts) -> list[str]:
+    """The worker runtimes that measure an integer GEMM on the machine ``facts`` describe."""
+    from edgevit.devices.worker import SESSION_MODULES
+
+    probes = []
+    for module in SESSION_MODULES:
+        key = getattr(module, "INT8_GEMM", None)
+        installed = any("version" in facts["packages"].get(package, {}) for _, package, _ in module.PACKAGES)
+        if key and installed:
+            probes.append(key)
+    return probes
+
+
+def gemm_bounds(gemm: list[dict[str, Any]]) -> dict[str, float]:
+    """GOP/s per precision: the fastest probe of each (int8 has one per runtime)."""
+    bounds: dict[str, float] = {}
+    for g in gemm:
+        if g.get("gflops"):
+            bounds[g["precision"]] = max(bounds.get(g["precision"], 0.0), g["gflops"])
+    return bounds
 
 
 def run_bench(opts: BenchOptions, note: Progress = lambda msg, n: None,
@@ -385,7 +509,7 @@ def _remote_devices(spec: RemoteSpec, opts: BenchOptions, facts: Facts) -> tuple
     """The devices to measure there, and (device, reason, requested) for those that cannot be: named ones
     that are unavailable, and (for 'cpu') each CPU runtime whose package is missing there."""
     wanted = spec.devices or opts.device
-    chosen = [d for d in resolve_devices(wanted, opts.targets, facts, strict=False) if opts.precision in d.precisions]
+    chosen = [d for d in resolve_devices(wanted, opts.targets, facts, strict=False) if _measures(d, opts)]
     reasons = {d.name: d.unavailable_reason(facts) for d in chosen}  # a probe reads facts: once per device
     absent = [(d, reasons[d.name], True) for d in chosen if reasons[d.name]]
     if "cpu" in check_device_names(wanted):
@@ -397,21 +521,25 @@ def _remote_devices(spec: RemoteSpec, opts: BenchOptions, facts: Facts) -> tuple
 def _absent_row(model: str, device: Device, reason: str | None, requested: bool, host: str,
                 opts: BenchOptions) -> dict[str, Any]:
     """A device that cannot measure there; ``requested`` rows (named in --device) fail the bench."""
-    return {"model": model, "device": device.name, "host": host, "precision": opts.precision,
+    return {"model": model, "device": device.name, "host": host, "precision": ",".join(_measures(device, opts)),
             "status": "unavailable", "detail": reason or "", "requested": requested}
 
 
 def _bench_place(opts: BenchOptions, devices: list[Device], place: _Place, note: Progress) -> tuple[list, list]:
     """Roofline and every model on one machine (here or a remote host)."""
-    gemm_precisions = ["fp32"] + ([opts.precision] if opts.precision != "fp32" else [])
-    gemm = roofline(gemm_precisions, opts, note, place) if opts.roofline else []
-    bound = {g["precision"]: g["gflops"] for g in gemm if g.get("gflops")}
+    gemm = roofline(gemm_precisions(opts), opts, note, place) if opts.roofline else []
+    bound = gemm_bounds(gemm)
     rows: list[dict[str, Any]] = []
     for model in opts.models:
         configs, skipped = _model_configs(model, opts, devices, place, note)
         measured = measure(configs, opts.protocol(), lambda msg: note(msg, 1), place.spawn) if configs else []
         rows += _rows(measured, bound) + skipped
     return gemm, rows
+
+
+def gemm_precisions(opts: BenchOptions) -> list[str]:
+    """fp32 always (the eager baseline and w8/w4 multiply in it), then each requested precision with a probe."""
+    return ["fp32"] + [p for p in opts.precisions if p in GEMM_PRECISIONS and p != "fp32"]
 
 
 def _model_configs(model: str, opts: BenchOptions, devices: list[Device], place: _Place,
@@ -426,8 +554,10 @@ def _model_configs(model: str, opts: BenchOptions, devices: list[Device], place:
         inputs_at = f"inputs/{inputs.name}"
         files[inputs_at] = inputs
     configs, skipped = [], []
-    for index, device in enumerate(devices):
-        meta = {"model": bm.name, "input_size": size, "device": device.name, "precision": opts.precision,
+    calibration = _calibration_for(bm, opts) if "int8" in opts.quantized else None
+    pairs = [(device, precision) for device in devices for precision in _measures(device, opts)]
+    for index, (device, precision) in enumerate(pairs):
+        meta = {"model": bm.name, "input_size": size, "device": device.name, "precision": precision,
                 "params": bm.params, "macs": bm.macs, "batch": batch, "host": place.name}
         if place.host is not None and device.runtime == "torch" and shape is not None:
             skipped.append(meta | {"status": "unavailable", "requested": False, "detail": (
@@ -436,23 +566,27 @@ def _model_configs(model: str, opts: BenchOptions, devices: list[Device], place:
             continue
         artifact = None
         if device.target is not None:
-            note(f"export {bm.name} -> {device.name}", 0)
-            exported = export_cached(bm.arg, size, device, device.export_precision(opts.precision), opts,
-                                     shape, bm.name)
+            note(f"export {bm.name} -> {device.name} {precision}", 0)
+            exported = export_cached(bm.arg, size, device, device.export_precision(precision), opts,
+                                     shape, bm.name, calibration)
             if exported.get("status") == "error":
                 skipped.append(meta | {"status": "export-failed", "detail": exported.get("error", "")})
                 note(f"export {bm.name} -> {device.name} failed", opts.rounds + 1)
                 continue
             artifact = exported["artifact_path"]
-            meta |= {"artifact": artifact, "export_cached": exported["cached"],
-                     "parity": exported.get("status"), "passes": exported.get("passes", {}).get("pipeline")}
+            meta |= {"artifact": artifact, "export_cached": exported["cached"], "parity": exported.get("status"),
+                     "passes": exported.get("passes", {}).get("pipeline"),
+                     "artifact_bytes": artifact_bytes(device.target, Path(artifact))}
+            if exported.get("quantization"):
+                meta["quantization"] = quant_summary(exported["quantization"])
             if place.host is not None:
                 local = Path(artifact)
                 artifact = f"a{index}/{local.name}"
                 files |= {f"a{index}/{p.name}": p for p in (local, *_companions(device.target, local))}
+        label = f"{bm.name} {device.name}" + (f" {precision}" if len(opts.precisions) > 1 else "")
         try:
-            configs.append(_config(f"{bm.name} {device.name}", device, opts.precision, opts, artifact,
-                                   inputs_at, bm.arg, size, meta, shape, place))
+            configs.append(_config(label, device, precision, opts, artifact, inputs_at, bm.arg, size, meta, shape,
+                                   place))
         except RemoteError as exc:  # edgevit's source could not be pushed for eager
             skipped.append(meta | {"status": exc.kind, "detail": str(exc)})
     if place.host is not None and configs:
@@ -463,6 +597,35 @@ def _model_configs(model: str, opts: BenchOptions, devices: list[Device], place:
             skipped += [c.meta | {"status": exc.kind, "detail": str(exc)} for c in configs]
             configs = []
     return configs, skipped
+
+
+def _calibration_for(bm: BenchModel, opts: BenchOptions) -> Path:
+    """The int8 calibration data: the user's, else seeded inputs written once per model and shape."""
+    from edgevit.export.quantization.data import SEEDED_CALIBRATION, seeded_calibration
+
+    if opts.calibration is not None:
+        return opts.calibration.resolve()
+    shape = "x".join(map(str, bm.input_shape)) if bm.input_shape else str(bm.input_size)
+    path = opts.out / "inputs" / f"calibration-{bm.name}-{shape}-seeded{SEEDED_CALIBRATION}.npz"
+    if not path.exists():
+        seeded_calibration(bm.arg, None if bm.input_shape else bm.input_size, bm.input_shape, path)
+    return path.resolve()
+
+
+def artifact_bytes(target: str, artifact: Path) -> int:
+    """The artifact's size on disk: the file (a package: its tree) and the files it needs beside it."""
+    files = [artifact, *_companions(target, artifact)]
+    return sum(sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) if f.is_dir() else f.stat().st_size
+               for f in files if f.exists())
+
+
+def quant_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What a bench row keeps of an export's quantization record: how it was made, what stayed float."""
+    keep = ("precision", "scheme", "method", "tool", "float_ops", "size_ratio")
+    summary = {k: record[k] for k in keep if k in record}
+    calibration = record.get("calibration") or {}
+    summary["calibration"] = {k: calibration.get(k) for k in ("source", "images") if k in calibration}
+    return summary
 
 
 def _companions(target: str, artifact: Path) -> list[Path]:
@@ -495,9 +658,12 @@ def _all_packages() -> list[str]:
 def _rows(measured: list[Measurement], gemm_gflops: dict[str, float]) -> list[dict[str, Any]]:
     """One row per configuration: the measurement, speed-up vs the baseline (interleaved), roofline placement.
 
-    The baseline is PyTorch eager; where eager was not measured (a remote device without torch), it is
-    the fastest runtime of the run, and the rows say so (``baseline``, ``speedup_vs_baseline``)."""
-    baseline = next((m for m in measured if m.meta["device"] == BASELINE and m.ok), None)
+    The baseline is PyTorch eager (its fp32 row when several precisions were measured); where eager was not
+    measured (a remote device without torch), it is the fastest runtime of the run, and the rows say so
+    (``baseline``, ``speedup_vs_baseline``). A row of another precision also gets ``speedup_vs_fp32``: over the
+    same runtime's fp32 row of the same run (interleaved, like every ratio here)."""
+    eager = [m for m in measured if m.meta["device"] == BASELINE and m.ok]
+    baseline = next((m for m in eager if m.meta["precision"] == "fp32"), eager[0] if eager else None)
     key = "speedup_vs_eager"
     if baseline is None:
         timed = [m for m in measured if m.ok and m.summary() is not None]
@@ -515,14 +681,28 @@ def _rows(measured: list[Measurement], gemm_gflops: dict[str, float]) -> list[di
                 row["baseline"] = baseline.meta["device"]
                 if m is not baseline:
                     row[key] = stats.interleaved_ratio(baseline.rounds, m.rounds).to_dict()
+            fp32 = _same_runtime_fp32(m, measured)
+            if fp32 is not None:
+                row["speedup_vs_fp32"] = stats.interleaved_ratio(fp32.rounds, m.rounds).to_dict()
         rows.append(row)
     return rows
+
+
+def _same_runtime_fp32(m: Measurement, measured: list[Measurement]) -> Measurement | None:
+    """The fp32 measurement of ``m``'s model on ``m``'s device, when ``m`` is of another precision."""
+    if m.meta["precision"] == "fp32":
+        return None
+    return next((o for o in measured if o.ok and o.summary() is not None and o.meta["precision"] == "fp32"
+                 and o.meta["device"] == m.meta["device"] and o.meta["model"] == m.meta["model"]), None)
 
 
 def _roofline(m: Measurement, median_ms: float, macs: float, gemm_gflops: dict[str, float]) -> dict[str, Any]:
     """The run against the GEMM bound of the precision its matrix multiplies *ran* in (the runtime's
     report), so a bf16 request that OpenVINO computed in f32 meets the fp32 bound, not the bf16 one."""
     computed = m.info.get("compute_precision") or m.meta["precision"]
+    mixed = m.info.get("matmul_precisions") if computed == "mixed" else None
+    if mixed:  # e.g. an int8 graph whose attention matmuls stayed float: the bound of most of its matmul kernels
+        computed = max(mixed, key=mixed.get)
     gflops = gemm_gflops.get(computed)
     if not gflops:
         why = ("the runtime does not say what it computed in" if computed.startswith("unknown")
@@ -530,7 +710,8 @@ def _roofline(m: Measurement, median_ms: float, macs: float, gemm_gflops: dict[s
         return {"precision": computed, "note": f"no bound: {why}"}
     bound_ms = 2 * macs / (gflops * 1e9) * 1e3
     return {"precision": computed, "gemm_gflops": gflops, "bound_ms": bound_ms,
-            "median_over_bound": median_ms / bound_ms, "fraction_of_peak": bound_ms / median_ms}
+            "median_over_bound": median_ms / bound_ms, "fraction_of_peak": bound_ms / median_ms,
+            **({"mixed": mixed} if mixed else {})}
 
 
 def _machine() -> dict[str, Any]:

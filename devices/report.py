@@ -15,8 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edgevit.devices.worker import INTEGER_UNIT_FLAGS, integer_units, integer_units_text, profile_kinds
+
 CSV_FIELDS = ["host", "model", "device", "precision", "status", "median_ms", "p90_ms", "p99_ms", "min_ms", "mean_ms",
               "std_ms", "runs", "throughput_per_s", "speedup_vs_eager", "speedup_low", "speedup_high",
+              "speedup_vs_fp32", "speedup_vs_fp32_low", "speedup_vs_fp32_high", "artifact_mb", "float_ops",
               "params", "macs", "gmacs_per_s", "roofline_bound_ms", "median_over_bound", "bound_precision", "load_ms", "first_ms",
               "peak_rss_mb", "threads", "runtime_precision", "median_interval_low_ms",
               "median_interval_high_ms", "noisy", "baseline", "detail"]
@@ -41,6 +44,8 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     roof = row.get("roofline") or {}
     info = row.get("runtime_info") or {}
     rep = row.get("repeatability") or {}
+    vs_fp32 = row.get("speedup_vs_fp32") or {}
+    quant = row.get("quantization") or {}
     return {
         "host": row.get("host", "local"), "model": row.get("model"), "device": row.get("device"),
         "precision": row.get("precision"),
@@ -48,6 +53,10 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": summary.get("p99_ms"), "min_ms": summary.get("min_ms"), "mean_ms": summary.get("mean_ms"),
         "std_ms": summary.get("std_ms"), "runs": summary.get("runs"), "throughput_per_s": summary.get("throughput_per_s"),
         "speedup_vs_eager": speedup.get("median"), "speedup_low": speedup.get("low"), "speedup_high": speedup.get("high"),
+        "speedup_vs_fp32": vs_fp32.get("median"), "speedup_vs_fp32_low": vs_fp32.get("low"),
+        "speedup_vs_fp32_high": vs_fp32.get("high"),
+        "artifact_mb": row["artifact_bytes"] / 1e6 if row.get("artifact_bytes") else None,
+        "float_ops": _float_op_count(quant.get("float_ops")),
         "params": row.get("params"), "macs": row.get("macs"), "gmacs_per_s": row.get("gmacs_per_s"),
         "roofline_bound_ms": roof.get("bound_ms"), "median_over_bound": roof.get("median_over_bound"),
         "bound_precision": roof.get("precision"),
@@ -56,6 +65,13 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "median_interval_low_ms": rep.get("interval_low_ms"), "median_interval_high_ms": rep.get("interval_high_ms"),
         "noisy": rep.get("noisy"), "baseline": row.get("baseline"), "detail": row.get("detail", ""),
     }
+
+
+def _float_op_count(float_ops: Any) -> int | None:
+    """The number of compute ops a quantized artifact left in float (the record is a count or {op: count})."""
+    if isinstance(float_ops, dict):
+        return sum(int(v) for v in float_ops.values())
+    return None if float_ops is None else int(float_ops)
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:
@@ -149,13 +165,19 @@ def remote_rows(result: dict[str, Any]) -> bool:
 
 
 def table_header(result: dict[str, Any]) -> list[str]:
-    return (["host"] if remote_rows(result) else []) + TABLE_HEADER
+    header = (["host"] if remote_rows(result) else []) + TABLE_HEADER
+    return header[:-1] + (["vs fp32 (same runtime)"] if _several_precisions(result) else []) + header[-1:]
+
+
+def _several_precisions(result: dict[str, Any]) -> bool:
+    return len({r.get("precision") for r in result["rows"]}) > 1
 
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
     """The terminal / markdown table: [host,] model, runtime, median, p90, speed-up, params, MACs, GMAC/s, roofline."""
     out = []
     hosts = remote_rows(result)
+    several = _several_precisions(result)
     for row in result["rows"]:
         f = flat_row(row)
         status = row.get("status")
@@ -164,14 +186,22 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             f["model"], f["device"], f"{f['precision']}/{f['runtime_precision'] or '-'}",
             _fmt(f["median_ms"], ".2f") + noisy, _fmt(f["p90_ms"], ".2f"), speedup_text(row),
             _fmt(f["params"] and f["params"] / 1e6, ".2f"), _fmt(f["macs"] and f["macs"] / 1e9, ".2f"),
-            _fmt(f["gmacs_per_s"], ".1f"), bound_text(f),
+            _fmt(f["gmacs_per_s"], ".1f"), bound_text(f), _fmt(f["artifact_mb"], ".1f"), _fmt(f["peak_rss_mb"], ".0f"),
+            *([vs_fp32_text(row)] if several else []),
             "ok" if status == "ok" else f"{status}: {row.get('detail', '')}"[:80],
         ])
     return out
 
 
+def vs_fp32_text(row: dict[str, Any]) -> str:
+    s = row.get("speedup_vs_fp32")
+    if s:
+        return f"{s['median']:.2f}x [{s['low']:.2f}-{s['high']:.2f}]"
+    return "1.00x" if row.get("precision") == "fp32" and row.get("summary") else "-"
+
+
 TABLE_HEADER = ["model", "runtime", "precision (asked/runtime)", "median ms", "p90 ms", "vs eager [spread]",
-                "params M", "GMACs", "GMAC/s", "median / bound", "status"]
+                "params M", "GMACs", "GMAC/s", "median / bound", "size MB", "peak RSS MB", "status"]
 
 
 def machine_lines(result: dict[str, Any]) -> list[str]:
@@ -186,8 +216,10 @@ def machine_lines(result: dict[str, Any]) -> list[str]:
         nodes = "; ".join(f"{k}: {' '.join(v)}" for k, v in (m.get("accelerator_nodes") or {}).items())
         where = ("this machine" if h["address"] == "local"
                  else h["name"] if h["name"] == h["address"] else f"{h['name']} ({h['address']})")
+        units = integer_units_text(m.get("cpu_flags"))
         lines.append(f"{where}: {m.get('cpu')} ({m.get('cores')} cores, {m.get('system')} {m.get('machine')}, "
-                     f"python {m.get('python')}); CPU flags: {flags}" + (f"; {nodes}" if nodes else ""))
+                     f"python {m.get('python')}); CPU flags: {flags}; integer dot-product units: {units}"
+                     + (f"; {nodes}" if nodes else ""))
     return lines
 
 
@@ -199,11 +231,67 @@ def gemm_lines(result: dict[str, Any]) -> list[str]:
         if g.get("gflops"):
             native = {True: "", False: "; emulated: the CPU flags show no arithmetic units for it",
                       None: "; arithmetic units unknown"}[g.get("native", True)]
+            unit = "GOP/s" if g["precision"] == "int8" else "GFLOP/s"
             lines.append(f"{where}{g['precision']} GEMM {g['n']}x{g['n']} on {g['threads']} threads ({g['engine']}): "
-                         f"{g['gflops']:.1f} GFLOP/s sustained (median), best {g['best_gflops']:.1f}{native}")
+                         f"{g['gflops']:.1f} {unit} sustained (median), best {g['best_gflops']:.1f}{native}")
         else:
             lines.append(f"{where}{g['precision']} GEMM: {g['status']} {g.get('detail', '')}")
     return lines
+
+
+def _host_flags(result: dict[str, Any], host: str) -> list[str] | None:
+    for h in result.get("hosts", []):
+        if h.get("name") == host and h.get("status") == "ok":
+            return h["machine"].get("cpu_flags")
+    return None
+
+
+def finding_lines(result: dict[str, Any]) -> list[str]:
+    """Plain statements about the run: each quantized row slower than its runtime's fp32 row, and why where
+    the flags, the artifact or the profile can tell."""
+    lines = []
+    hosts = remote_rows(result)
+    for row in result["rows"]:
+        s = row.get("speedup_vs_fp32")
+        if not s or s["median"] >= 1.0:
+            continue
+        where = f" on {row.get('host')}" if hosts else ""
+        lines.append(f"{row['precision']} slower than fp32 here: {row['model']} on {row['device']}{where} "
+                     f"{s['median']:.2f}x [{s['low']:.2f}-{s['high']:.2f}]; "
+                     f"why: {'; '.join(slower_reasons(row, _host_flags(result, row.get('host', 'local'))))}")
+    return lines
+
+
+def slower_reasons(row: dict[str, Any], flags: list[str] | None) -> list[str]:
+    """What the CPU flags, the artifact's quantization record and the profile say about a slow quantized row."""
+    reasons = []
+    precision = row.get("precision")
+    computed = (row.get("runtime_info") or {}).get("compute_precision") or ""
+    if precision == "int8" and flags is not None and not integer_units(flags):
+        reasons.append("this CPU has no integer dot-product units (" + "/".join(INTEGER_UNIT_FLAGS) + "): int8 "
+                       "matmuls run on 16-bit multiply-adds")
+    if precision == "int8" and computed and computed not in ("int8", "unknown"):
+        reasons.append(f"the runtime ran the matmuls in {computed}")
+    if precision in ("w8", "w4"):
+        reasons.append("weight-only: weights are expanded to float at run time and the matmuls run in "
+                       f"{computed or 'float'}; the gain is size and memory traffic, not arithmetic")
+    floating = _float_op_count((row.get("quantization") or {}).get("float_ops"))
+    if precision == "int8" and floating:
+        reasons.append(f"{floating} compute op(s) left in float, with quantize/dequantize conversions around them")
+    kinds = profile_shares(row.get("profile") or [])
+    if kinds:
+        reasons.append("profile: " + ", ".join(f"{share:.0%} {kind}" for kind, share in kinds.items()))
+    return reasons or ["nothing in the CPU flags, the artifact or the profile explains it (re-run with --profile)"]
+
+
+def profile_shares(profile: list[dict[str, Any]]) -> dict[str, float]:
+    """Share of the profiled time per op kind (int8 compute, float compute, Q/DQ conversion) when the
+    runtime's profile classifies its ops (onnxruntime, OpenVINO); {} otherwise (eager, LiteRT)."""
+    if not any(p.get("kind") for p in profile):
+        return {}
+    totals = profile_kinds(profile)
+    whole = sum(totals.values())
+    return {k: v / whole for k, v in totals.items()} if whole else {}
 
 
 def write_markdown(result: dict[str, Any], path: Path, plot: Path | None) -> Path:
@@ -228,6 +316,9 @@ def write_markdown(result: dict[str, Any], path: Path, plot: Path | None) -> Pat
         "| " + " | ".join(table_header(result)) + " |", "|" + "---|" * len(table_header(result)),
         *["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table_rows(result)], "",
     ]
+    findings = finding_lines(result)
+    if findings:
+        lines += ["## Findings", "", *[f"- {line}" for line in findings], ""]
     if plot is not None:
         lines += [f"![latency against MACs]({plot.name})", ""]
     profiles = [r for r in result["rows"] if r.get("profile")]
@@ -235,8 +326,12 @@ def write_markdown(result: dict[str, Any], path: Path, plot: Path | None) -> Pat
         lines += ["## Top ops by time (per-op profiles)", ""]
         for r in profiles:
             on = f" ({r['host']})" if remote else ""
-            lines += [f"**{r['model']} on {r['device']}{on}**", "", "| op | ms / inference | share |", "|---|---|---|"]
-            lines += [f"| {p['op']} | {p['ms_per_run']:.3f} | {p['share']:.0%} |" for p in r["profile"][:10]] + [""]
+            kinds = profile_shares(r["profile"])
+            split = ("; by kind: " + ", ".join(f"{k} {v:.0%}" for k, v in kinds.items())) if kinds else ""
+            lines += [f"**{r['model']} on {r['device']} {r.get('precision', '')}{on}**{split}", "",
+                      "| op | kind | ms / inference | share |", "|---|---|---|---|"]
+            lines += [f"| {p['op']} | {p.get('kind', '-')} | {p['ms_per_run']:.3f} | {p['share']:.0%} |"
+                      for p in r["profile"][:10]] + [""]
     lines += ["## Versions", "", "Exported with: " + ", ".join(f"{k} {val}" for k, val in v.items()), ""]
     for h in result.get("hosts", []):
         if h.get("runtimes"):

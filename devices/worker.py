@@ -16,11 +16,11 @@ from the backends instead. Three modes:
 
 ``serve`` is also what a remote device runs, over ssh or adb (``devices/remote.py``).
 
-A config is a JSON object: ``runtime`` (a key of :data:`SESSIONS`: each backend's runtime, and torch,
-gemm, fake), ``artifact`` (path), ``inputs`` (an .npz whose arrays are the positional inputs, in
-``arr_0..`` order), ``threads``, ``options`` (runtime-specific: providers, delegate, device, hint,
-inference precision, compute units) and ``profile`` (bool). Times are in milliseconds, measured with
-``perf_counter``.
+A config is a JSON object: ``runtime`` (a key of :data:`SESSIONS`: each backend's runtime and its int8
+GEMM probe ``gemm-int8:<runtime>``, and torch, gemm, fake), ``artifact`` (path), ``inputs`` (an .npz
+whose arrays are the positional inputs, in ``arr_0..`` order), ``threads``, ``options`` (runtime-specific:
+providers, delegate, device, hint, inference precision, compute units) and ``profile`` (bool). Times are
+in milliseconds, measured with ``perf_counter``.
 """
 
 from __future__ import annotations
@@ -97,18 +97,39 @@ class Session:
         return []
 
     def compute_precision(self, inputs: list[np.ndarray]) -> str:
-        """The precision the matrix multiplies ran in (fp32, fp16, bf16, mixed or unknown): the roofline
+        """The precision the matrix multiplies ran in (fp32, fp16, bf16, int8, mixed or unknown): the roofline
         compares a run with the GEMM bound of *that* precision, not of the one asked for. Called once
         after the first inference, outside the timed load."""
         return "unknown"
 
 
-def top_ops(totals: dict[str, float], counts: dict[str, int], runs: int, limit: int = 15) -> list[dict[str, Any]]:
-    """Aggregate per op type: ms per inference and share of the profiled time, largest first."""
-    whole = sum(totals.values()) or 1.0
-    rows = [{"op": op, "ms_per_run": ms / max(runs, 1), "share": ms / whole, "calls_per_run": counts[op] / max(runs, 1)}
-            for op, ms in totals.items()]
-    return sorted(rows, key=lambda r: -r["ms_per_run"])[:limit]
+def top_ops(totals: dict[str, float], counts: dict[str, int], runs: int, limit: int = 15,
+            kinds: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Aggregate per op type: ms per inference, share of the profiled time and ``kind`` ("int8" integer
+    kernels, "convert" quantize/dequantize/cast/reorder, "float": ``kinds[op]``, default float), largest
+    first. The ops past ``limit`` are folded into one "(other <kind> ops)" row per kind at the end, so
+    the per-kind sums (:func:`profile_kinds`) cover the whole profile."""
+    whole, per = sum(totals.values()) or 1.0, max(runs, 1)
+    rows = sorted(({"op": op, "ms_per_run": ms / per, "share": ms / whole, "calls_per_run": counts[op] / per,
+                    "kind": (kinds or {}).get(op, "float")} for op, ms in totals.items()),
+                  key=lambda r: -r["ms_per_run"])
+    folded: dict[str, dict[str, Any]] = {}
+    for row in rows[limit:]:
+        into = folded.setdefault(row["kind"], {"op": f"(other {row['kind']} ops)", "ms_per_run": 0.0, "share": 0.0,
+                                               "calls_per_run": 0.0, "kind": row["kind"]})
+        for key in ("ms_per_run", "share", "calls_per_run"):
+            into[key] += row[key]
+    return rows[:limit] + sorted(folded.values(), key=lambda r: -r["ms_per_run"])
+
+
+def profile_kinds(profile: list[dict[str, Any]]) -> dict[str, float]:
+    """ms per inference of each op kind (int8 / convert / float) in a profile from :func:`top_ops`,
+    largest first; rows without a kind count as float."""
+    totals: dict[str, float] = {}
+    for row in profile:
+        kind = row.get("kind", "float")
+        totals[kind] = totals.get(kind, 0.0) + row["ms_per_run"]
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def _built_model(options: dict[str, Any]) -> Any:
@@ -190,6 +211,10 @@ class GemmSession(Session):
         super().__init__(config)
         n_max = int(self.options.get("n", 2048))
         self.precision = self.options.get("precision", "fp32")
+        if self.precision not in ("fp32", "bf16", "fp16"):  # int8 has one probe per runtime: its INT8_GEMM session
+            int8 = sorted(k for k in SESSIONS if k.startswith("gemm-int8:"))
+            raise ValueError(f"the gemm probe measures fp32, bf16 or fp16, not {self.precision!r}"
+                             + (f" (int8: runtime {' or '.join(int8)})" if int8 else ""))
         try:
             import torch
 
@@ -244,8 +269,32 @@ def _timed(call: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+#: CPU flags of integer dot-product units (8-bit x 8-bit products summed into 32 bits in one instruction: x86
+#: VNNI and AMX, Arm dotprod and i8mm). Without them an int8 GEMM runs on 16-bit multiply-adds (x86 AVX2
+#: vpmaddubsw, Arm NEON widening multiplies), often no faster than fp32 FMAs.
+INTEGER_UNIT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 # CPU feature flags that mean arithmetic units for a precision (x86 /proc/cpuinfo, Arm Linux "Features").
-_NATIVE_FLAGS = {"fp32": None, "bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16", "fphp")}
+_NATIVE_FLAGS = {"fp32": None, "bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16", "fphp"),
+                 "int8": INTEGER_UNIT_FLAGS}
+
+
+def integer_units(flags: list[str] | None) -> list[str]:
+    """The integer dot-product units among CPU ``flags`` (a machine's ``cpu.flags``), in INTEGER_UNIT_FLAGS order."""
+    return [f for f in INTEGER_UNIT_FLAGS if f in (flags or ())]
+
+
+def integer_units_text(flags: list[str] | None) -> str:
+    """One phrase for a report: "avx512_vnni, amx_int8", or why there are none ("unknown" without flags)."""
+    if not flags:
+        return "unknown (no CPU flags)"
+    units = integer_units(flags)
+    if units:
+        return ", ".join(units)
+    if "avx2" in flags:
+        return "none (AVX2 only: int8 runs on 16-bit multiply-adds)"
+    if "asimd" in flags:
+        return "none (NEON without dotprod: int8 runs on 16-bit widening multiply-adds)"
+    return "none"
 
 
 def native_units(precision: str, cpuinfo: str | None = None) -> bool | None:

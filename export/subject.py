@@ -12,7 +12,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -191,16 +191,22 @@ def zoo_image_batch(info: ModelInfo, size: int, seed: int) -> torch.Tensor:
 def parity_inputs(subject: Subject) -> list[tuple[torch.Tensor, ...]]:
     """The :data:`PARITY_SAMPLES` seeded inputs (seeds ``seed + 1``...) parity runs model and artifact on:
     image batches for zoo models and folders with a preprocessor, standard normal values otherwise."""
+    return seeded_inputs(subject, range(subject.seed + 1, subject.seed + PARITY_SAMPLES + 1))
+
+
+def seeded_inputs(subject: Subject, seeds: Iterable[int]) -> list[tuple[torch.Tensor, ...]]:
+    """One seeded input per seed, made as :func:`parity_inputs` makes them (image-like where the model's
+    normalisation is known)."""
     samples = []
-    for k in range(1, PARITY_SAMPLES + 1):
+    for seed in seeds:
         if subject.info is not None:
-            samples.append((zoo_image_batch(subject.info, subject.example_inputs[0].shape[-1], subject.seed + k),))
+            samples.append((zoo_image_batch(subject.info, subject.example_inputs[0].shape[-1], seed),))
             continue
         ref = subject.reference
         if ref is not None and ref.mean is not None:  # a folder's images, normalised by its preprocessor
-            samples.append((image_batch(subject.example_inputs[0].shape, ref.mean, ref.std, subject.seed + k),))
+            samples.append((image_batch(subject.example_inputs[0].shape, ref.mean, ref.std, seed),))
             continue
-        gen = torch.Generator().manual_seed(subject.seed + k)
+        gen = torch.Generator().manual_seed(seed)
         samples.append(
             tuple(
                 torch.randn(t.shape, generator=gen, dtype=t.dtype) if t.is_floating_point() else t.clone()

@@ -84,3 +84,36 @@ def test_the_speed_goal_holds_only_if_both_runs_reach_it_and_shows_both_medians(
     assert deit["ok"] is ok
     assert "run 1: tflite:xnnpack 2.00x [1.70-2.30] (20.00 vs eager 40.00 ms)" in deit["figure"]
     assert f"(20.00 vs eager {second_eager:.2f} ms)" in deit["figure"]
+
+
+def _quant_row(model: str, device: str, precision: str, ms: float, **extra) -> dict:
+    return {"model": model, "device": device, "precision": precision, "status": "ok", "summary": {"median_ms": ms},
+            "times_ms": [ms, ms, ms * 1.1, ms * 1.1], "rounds": [2, 2], **extra}
+
+
+def test_quant_tradeoff_judges_the_goals_on_the_fastest_runtimes_and_links_accuracy() -> None:
+    tradeoff = _load("quant_tradeoff")
+    rows = [_quant_row("deit_tiny", "torch:eager", "fp32", 50.0),
+            _quant_row("deit_tiny", "onnx:cpu", "fp32", 20.0, artifact_bytes=4000),
+            _quant_row("deit_tiny", "openvino:cpu", "fp32", 16.0, artifact_bytes=4000),
+            _quant_row("deit_tiny", "onnx:cpu", "int8", 12.0, artifact_bytes=1100,
+                       roofline={"precision": "int8", "median_over_bound": 1.4}),
+            _quant_row("deit_tiny", "openvino:cpu", "int8", 9.0, artifact_bytes=1000,
+                       roofline={"precision": "int8", "median_over_bound": 1.6}),
+            _quant_row("deit_tiny", "onnx:cpu", "w8", 21.0, speedup_vs_fp32=_ratio(0.94))]
+    vnni = {"rows": rows, "hosts": [{"machine": {"cpu_flags": ["avx2", "avx512_vnni"]}}]}
+    ratio, bound, w8 = tradeoff.goals(vnni, ["deit_tiny"])
+    assert ratio["goal"] == "fastest int8 (openvino:cpu) vs fastest fp32 (openvino:cpu)"
+    assert ratio["value"] == pytest.approx(16.8 / 9.45) and ratio["limit"] == ">= 1.6" and ratio["ok"]  # medians
+    assert bound["value"] == 1.6 and not bound["ok"]  # the fastest int8 runtime's bound, not the best one's
+    assert w8["goal"] == "w8 vs fp32 on onnx:cpu" and not w8["ok"]  # 0.94 < 0.95
+    avx2 = {"rows": rows, "hosts": [{"machine": {"cpu_flags": ["avx2"]}}]}
+    assert tradeoff.goals(avx2, ["deit_tiny"])[0]["limit"] == ">= 1.3"
+    accuracy = [{"family": "deit", "target": "openvino", "precision": "int8", "drop": 0.2, "drop_ci95": [0.0, 0.6],
+                 "sqnr_db": 33.0}]
+    linked = {(r["runtime"], r["precision"]): r for r in tradeoff.tradeoff_rows(vnni, accuracy)}
+    assert ("torch:eager", "fp32") not in linked
+    assert linked[("openvino:cpu", "int8")]["drop"] == 0.2 and linked[("onnx:cpu", "int8")]["drop"] is None
+    assert linked[("openvino:cpu", "int8")]["size_ratio"] == pytest.approx(0.25)
+    table = tradeoff.markdown(list(linked.values()), tradeoff.goals(vnni, ["deit_tiny"]))
+    assert "| deit_tiny | openvino:cpu | int8 | +0.20 [+0.00, +0.60] |" in table and "| NO |" in table

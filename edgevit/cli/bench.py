@@ -18,7 +18,7 @@ def bench_cmd(
     device: str = typer.Option("cpu", "--device", "-d", help="'cpu' (every CPU runtime here) or device names, comma-separated."),
     models: Optional[str] = typer.Option(None, "--models", "-m", help="Zoo models, Hugging Face folders or module:factory references, comma-separated [default: deit_tiny,mobilevit_v2_050]."),
     targets: Optional[str] = typer.Option(None, "--targets", "-t", help="Keep these targets' runtimes (eager stays)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (each runtime's way of running it)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 (each runtime's way of running it), or the quantized int8, w8, w4 (the export's artifacts; fp32 comes along to compare); several: a comma list, e.g. fp32,int8."),
     runs: int = typer.Option(40, "--runs", help="Timed inferences per configuration."),
     rounds: int = typer.Option(10, "--rounds", help="Interleaved rounds the runs are split into (>= 6 for a noise verdict from the spread)."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed inferences after the first one."),
@@ -36,6 +36,9 @@ def bench_cmd(
     remote: Optional[str] = typer.Option(None, "--remote", "-r", help=REMOTE_HELP),
     remote_python: Optional[str] = typer.Option(None, "--remote-python", help="Python on the remote [default: python3, or the devices file's]."),
     devices_file: Optional[Path] = typer.Option(None, "--devices-file", help="Devices file [default: edgevit-devices.toml or pyproject.toml here]."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="int8: images (a folder) or a .npz of inputs to calibrate with [default: 32 seeded inputs: right speed, not accuracy]."),
+    quant_scheme: str = typer.Option("safe", "--quant-scheme", help="int8: safe (matmuls/convs only) or full (every op the tool can)."),
+    calibration_method: str = typer.Option("auto", "--calibration-method", help="int8: auto (the backend's default), percentile, entropy or minmax."),
 ) -> None:
     """Measure inference latency of models (zoo or references) on every runtime of a device, against PyTorch eager.
 
@@ -44,7 +47,7 @@ def bench_cmd(
     latency_vs_macs.png and report.md, and prints the table.
     """
     from edgevit.devices.bench import DEFAULT_MODELS, BenchOptions, check_file_path, check_options, run_bench
-    from edgevit.devices.report import gemm_lines, machine_lines, table_header, table_rows, write_all
+    from edgevit.devices.report import finding_lines, gemm_lines, machine_lines, table_header, table_rows, write_all
     from edgevit.references import split_model_list
 
     model_list = list(DEFAULT_MODELS) if models is None else split_model_list(models)
@@ -53,7 +56,8 @@ def bench_cmd(
     opts = BenchOptions(models=model_list, device=device,
                         targets=_split(targets), precision=precision, runs=runs, rounds=rounds, warmup=warmup,
                         threads=threads, passes=passes, input_size=input_size, out=out, cache=cache, profile=profile,
-                        roofline=not no_roofline, budget_s=budget, run_timeout_s=timeout)
+                        roofline=not no_roofline, budget_s=budget, run_timeout_s=timeout, calibration=calibration,
+                        quant_scheme=quant_scheme, calibration_method=calibration_method)
     to_stdout = json_path is not None and str(json_path) == "-"
     try:
         from edgevit.devices.inventory import resolve_remotes
@@ -79,12 +83,14 @@ def bench_cmd(
         for line in machine_lines(result) + gemm_lines(result):
             out_console.print(line, highlight=False)
         where = ", ".join(r.name for r in opts.remotes) if opts.remotes else "this machine"
-        table = Table(title=f"edgevit bench on {where}: {device} ({opts.precision}, batch 1)")
+        table = Table(title=f"edgevit bench on {where}: {device} ({','.join(opts.precisions)}, batch 1)")
         for col in table_header(result):
             table.add_column(col, justify="right" if col not in ("host", "model", "runtime", "status") else "left")
         for row in table_rows(result):
             table.add_row(*(escape(c) for c in row))
         out_console.print(table)
+        for line in finding_lines(result):
+            out_console.print(line, highlight=False)
         written = ", ".join(str(p) for p in paths.values() if p is not None)
         out_console.print(f"written: {written}", highlight=False)
         if paths["png"] is None:
@@ -102,8 +108,11 @@ def _bench_with_progress(opts: Any, devices: list, quiet: bool, run: Any) -> dic
     """``run(opts, note)`` under a rich progress bar: exports, then per configuration load + rounds."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    gemm_steps = (1 + min(opts.rounds, 4)) * (1 + (opts.precision != "fp32")) if opts.roofline else 0
-    per_host = len(devices) or 4  # a remote's devices are known once it is probed: guess the CPU set
+    from edgevit.devices.bench import gemm_precisions
+
+    probes = len(gemm_precisions(opts)) + ("int8" in opts.precisions)  # int8: one probe per runtime (~2)
+    gemm_steps = (1 + min(opts.rounds, 4)) * probes if opts.roofline else 0
+    per_host = len(devices) * len(opts.precisions) or 4  # a remote's devices are known once probed: a guess
     hosts = max(1, len(opts.remotes))
     total = hosts * (gemm_steps + len(opts.models) * per_host * (opts.rounds + 1))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),

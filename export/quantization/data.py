@@ -1,6 +1,10 @@
 """Calibration and evaluation data: a user's images (or tensors), preprocessed the way the model expects.
 
-``--calibration DIR`` is a folder of images, flat or in class sub-folders; ``--eval DIR`` a labelled
+``--calibration DIR`` is a folder of images, flat or in class sub-folders, or a ``.npz`` file of inputs
+already preprocessed (array ``arr_j`` stacks input ``j`` of every sample on a leading axis: shape
+``(samples, *input_shape)``; :func:`write_seeded_calibration` writes one of seeded images, which is what
+``edgevit bench`` and ``edgevit inspect`` calibrate with when they are given no data: the values decide
+the scales, never the kernels, so speed and placement do not depend on them). ``--eval DIR`` is a labelled
 folder in the ImageFolder layout (one sub-folder per class, classes in sorted order = label indices).
 Images become float32 NCHW batches shaped like the model's example input:
 
@@ -182,8 +186,13 @@ class EvaluationSet:
 
 
 def calibration_set(source: Any, example_inputs: Sequence[Any], prep: Preprocessing | None) -> CalibrationSet:
-    """Calibration samples from a folder (``prep`` required) or an iterable of tensors / tuples of them."""
-    if isinstance(source, (str, Path)):
+    """Calibration samples from a folder (``prep`` required), a ``.npz`` of preprocessed inputs, or an
+    iterable of tensors / tuples of them."""
+    if is_npz(source):
+        samples = [_as_sample(list(arrays), example_inputs, f"--calibration {source}")
+                   for arrays in zip(*load_npz_inputs(source))]
+        record = {"source": str(Path(source).resolve()), "images": len(samples), "preprocessing": None}
+    elif isinstance(source, (str, Path)):
         folder = scan_folder(source, "--calibration", labelled=False)
         samples = load_batches(folder.files, prep, example_inputs[0].shape[0], "--calibration")
         record = {"source": str(folder.root), "images": len(folder.files), "preprocessing": prep.to_dict()}
@@ -231,6 +240,36 @@ def evaluation_set(source: Any, example_inputs: Sequence[Any], prep: Preprocessi
     return EvaluationSet(samples, labels, record)
 
 
+def is_npz(source: Any) -> bool:
+    return isinstance(source, (str, Path)) and str(source).lower().endswith(".npz")
+
+
+def load_npz_inputs(path: str | Path) -> list[np.ndarray]:
+    """The stacked inputs of a calibration ``.npz`` (``arr_0``, ``arr_1``... in order), checked."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EdgevitError(f"--calibration {path}: no such file")
+    try:
+        with np.load(path) as data:
+            arrays = [data[f"arr_{j}"] for j in range(len(data.files))]
+    except (OSError, ValueError, KeyError) as exc:
+        raise EdgevitError(f"--calibration {path}: not a .npz of arrays arr_0, arr_1... ({type(exc).__name__})") from None
+    if not arrays or len({a.shape[0] if a.ndim else -1 for a in arrays}) != 1 or arrays[0].ndim == 0:
+        raise EdgevitError(f"--calibration {path}: give one array per input, samples on the leading axis")
+    return arrays
+
+
+def write_seeded_calibration(example_inputs: Sequence[Any], samples: list[Sequence[Any]], path: Path) -> Path:
+    """``samples`` (each one model call's tensors, shaped like ``example_inputs``) as a calibration .npz."""
+    arrays = [np.stack([_as_sample(list(s), example_inputs, "seeded calibration")[j] for s in samples])
+              for j in range(len(example_inputs))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part.npz")
+    np.savez(tmp, *arrays)
+    tmp.replace(path)
+    return path
+
+
 def _as_sample(item: Any, example_inputs: Sequence[Any], what: str) -> Sample:
     """One model call's inputs as float32 arrays shaped like the example inputs."""
     import torch
@@ -242,3 +281,21 @@ def _as_sample(item: Any, example_inputs: Sequence[Any], what: str) -> Sample:
         raise EdgevitError(f"{what} sample shapes {[list(a.shape) for a in arrays]} differ from the model's "
                            f"inputs {[list(s) for s in expected]}")
     return [a.astype(e.detach().cpu().numpy().dtype) for a, e in zip(arrays, example_inputs)]
+
+
+SEEDED_CALIBRATION = 32  # seeded samples when the bench or inspect is given no calibration data
+SEEDED_FIRST_SEED = 1000  # far from the parity inputs' seeds (1...)
+
+
+def seeded_calibration(model: str, input_size: int | None, input_shape: Sequence[int] | None, path: Path,
+                       count: int = SEEDED_CALIBRATION) -> Path:
+    """A calibration ``.npz`` of ``count`` seeded inputs for ``model`` (a zoo name or a reference), made
+    like the parity inputs: for measuring speed and placement, which the values do not decide."""
+    import torch
+
+    from edgevit.export.subject import prepare_subject, seeded_inputs
+
+    example = torch.zeros(tuple(input_shape)) if input_shape else None
+    subject = prepare_subject(model, example, input_size, None, 0)
+    seeds = range(SEEDED_FIRST_SEED, SEEDED_FIRST_SEED + count)
+    return write_seeded_calibration(subject.example_inputs, seeded_inputs(subject, seeds), path)

@@ -26,6 +26,7 @@ from edgevit.export.quantization.data import (
     Preprocessing,
     calibration_set,
     evaluation_set,
+    is_npz,
     preprocessing_for,
 )
 from edgevit.export.quantization.gate import decisive_agreement, required_sqnr_db, sqnr_db
@@ -70,8 +71,8 @@ def plan(tgt: "Target", subject: "Subject", precision: str, options: "ExportOpti
         return None
     spec = resolved_spec(tgt, QuantSpec(precision, options.quant_scheme, options.calibration_method))
     check_request(spec, calibration is not None, options.max_drop)
-    prep = _preprocessing(subject, options) if isinstance(calibration, (str, Path)) or \
-        isinstance(evaluation, (str, Path)) else None
+    folder = (isinstance(calibration, (str, Path)) and not is_npz(calibration)) or isinstance(evaluation, (str, Path))
+    prep = _preprocessing(subject, options) if folder else None
     calib = calibration_set(calibration, subject.example_inputs, prep) if calibration is not None else None
     evals = (evaluation_set(evaluation, subject.example_inputs, prep, _num_classes(subject))
              if evaluation is not None else None)

@@ -17,7 +17,8 @@ def _macos(facts: Facts) -> str | None:
     return package_reason(facts, "coremltools", "coreml")
 
 
-PRECISIONS = {"fp16": ("fp16", {}), "fp32": ("fp32", {})}
+PRECISIONS = {"fp16": ("fp16", {}), "fp32": ("fp32", {}),  # quantized packages: coremltools.optimize
+              "int8": ("int8", {}), "w8": ("w8", {}), "w4": ("w4", {})}
 
 ROWS: tuple[Device, ...] = tuple(
     Device(f"coreml:{unit}", f"Core ML, compute units {label}", "coreml", "coreml", "ane", _macos, PRECISIONS,

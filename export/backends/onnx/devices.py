@@ -32,17 +32,19 @@ def _nnapi(facts: Facts) -> str | None:
 
 
 PRECISIONS = {"fp32": ("fp32", {}), "fp16": ("fp16", {})}
+#: quantized artifacts (export/backends/onnx/quantize.py) run on the same providers: QDQ int8, MatMulNBits w8/w4
+QUANTIZED = {"int8": ("int8", {}), "w8": ("w8", {}), "w4": ("w4", {})}
 
 ROWS: tuple[Device, ...] = (
     Device("onnx:cpu", "onnxruntime, CPUExecutionProvider", "onnxruntime", "onnx", "cpu",
-           _onnxruntime, PRECISIONS, {"providers": ["CPUExecutionProvider"]}, on_cpu=True, packages=PACKAGES),
+           _onnxruntime, PRECISIONS | QUANTIZED, {"providers": ["CPUExecutionProvider"]}, on_cpu=True, packages=PACKAGES),
     Device("onnx:xnnpack", "onnxruntime, XnnpackExecutionProvider", "onnxruntime", "onnx", "xnnpack",
            _provider("XnnpackExecutionProvider", "the PyPI wheel is built without it (--use_xnnpack builds, "
-                     "onnxruntime-android)"), PRECISIONS,
+                     "onnxruntime-android)"), PRECISIONS | QUANTIZED,
            {"providers": ["XnnpackExecutionProvider", "CPUExecutionProvider"]}, on_cpu=True, packages=PACKAGES),
     Device("onnx:coreml", "onnxruntime, CoreMLExecutionProvider (MLProgram)", "onnxruntime", "onnx", "coreml",
            _provider("CoreMLExecutionProvider", "it exists in macOS/iOS builds only"), PRECISIONS,
            {"providers": ["CoreMLExecutionProvider", "CPUExecutionProvider"]}, packages=PACKAGES),
     Device("onnx:nnapi", "onnxruntime, NnapiExecutionProvider", "onnxruntime", "onnx", "nnapi",
-           _nnapi, PRECISIONS, {"providers": ["NnapiExecutionProvider", "CPUExecutionProvider"]}, packages=PACKAGES),
+           _nnapi, PRECISIONS | {"int8": QUANTIZED["int8"]}, {"providers": ["NnapiExecutionProvider", "CPUExecutionProvider"]}, packages=PACKAGES),
 )

@@ -7,7 +7,8 @@ pushed to remote machines. What the worker reads here, by name:
 - ``RUNTIME``: the worker's runtime key, also the key of :func:`probe_facts` in a machine's facts;
 - ``SESSIONS``: runtime key -> session class (``cls(config)``: see ``devices/worker.py`` for the config);
 - ``PACKAGES``: ``(module, package, import it)`` probed on every machine (``facts["packages"]``);
-- ``probe_facts()``: this runtime's facts (its execution providers); ``describe(facts)``: the machine line.
+- ``probe_facts()``: this runtime's facts (its execution providers); ``describe(facts)``: the machine line;
+- ``INT8_GEMM``: the key of the int8 roofline probe in ``SESSIONS`` (onnxruntime's own integer matmul).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -26,6 +28,7 @@ except ImportError:  # the worker's probe still answers without numpy
 RUNTIME = "onnxruntime"
 PACKAGES = (("onnxruntime", "onnxruntime", True),)
 PARITY_PROVIDER = "CPUExecutionProvider"
+INT8_GEMM = "gemm-int8:onnxruntime"
 
 
 def probe_facts() -> dict[str, Any]:
@@ -46,12 +49,23 @@ def package_version(package: str) -> str:
         return "unknown"
 
 
-def top_ops(totals: dict[str, float], counts: dict[str, int], runs: int, limit: int = 15) -> list[dict[str, Any]]:
-    """Aggregate per op type: ms per inference and share of the profiled time, largest first."""
-    whole = sum(totals.values()) or 1.0
-    rows = [{"op": op, "ms_per_run": ms / max(runs, 1), "share": ms / whole, "calls_per_run": counts[op] / max(runs, 1)}
-            for op, ms in totals.items()]
-    return sorted(rows, key=lambda r: -r["ms_per_run"])[:limit]
+def top_ops(totals: dict[str, float], counts: dict[str, int], runs: int, limit: int = 15,
+            kinds: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Aggregate per op type: ms per inference, share of the profiled time and ``kind`` ("int8" integer
+    kernels, "convert" quantize/dequantize/cast/reorder, "float": ``kinds[op]``, default float), largest
+    first. The ops past ``limit`` are folded into one "(other <kind> ops)" row per kind at the end, so
+    the per-kind sums (:func:`profile_kinds`) cover the whole profile."""
+    whole, per = sum(totals.values()) or 1.0, max(runs, 1)
+    rows = sorted(({"op": op, "ms_per_run": ms / per, "share": ms / whole, "calls_per_run": counts[op] / per,
+                    "kind": (kinds or {}).get(op, "float")} for op, ms in totals.items()),
+                  key=lambda r: -r["ms_per_run"])
+    folded: dict[str, dict[str, Any]] = {}
+    for row in rows[limit:]:
+        into = folded.setdefault(row["kind"], {"op": f"(other {row['kind']} ops)", "ms_per_run": 0.0, "share": 0.0,
+                                               "calls_per_run": 0.0, "kind": row["kind"]})
+        for key in ("ms_per_run", "share", "calls_per_run"):
+            into[key] += row[key]
+    return rows[:limit] + sorted(folded.values(), key=lambda r: -r["ms_per_run"])
 
 
 class OnnxRuntimeSession:
@@ -59,6 +73,8 @@ class OnnxRuntimeSession:
 
     ``config``: ``artifact``, ``threads``, ``options`` (``providers``, default the CPU provider),
     ``profile``; ``parity`` (see :meth:`for_parity`) gives ``info`` as export manifests record it.
+    ``info["precision"]`` is what the artifact stores (fp32, fp16, "int8 (QDQ)", "w4 (MatMulNBits)", ...:
+    :func:`stored_precision`); :meth:`compute_precision` what its matrix multiplies ran in.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -79,12 +95,14 @@ class OnnxRuntimeSession:
         self.session = ort.InferenceSession(config["artifact"], opts, providers=providers)
         self.names = [i.name for i in self.session.get_inputs()]
         self.runs = 0
+        self.nbits_int8 = False  # MatMulNBits quantizing its activations (accuracy_level 4): an integer kernel
         self.info: dict[str, Any] = {"threads": self.threads, "runtime": RUNTIME,
                                      "version": package_version("onnxruntime")}
         if parity:
             self.info["provider"] = self.session.get_providers()[0]
         else:
-            self.info |= {"providers": self.session.get_providers(), "precision": _onnx_precision(config["artifact"])}
+            precision, self.nbits_int8 = _onnx_precision(config["artifact"])
+            self.info |= {"providers": self.session.get_providers(), "precision": precision}
 
     @classmethod
     def for_parity(cls, path: str, threads: int | None = None) -> "OnnxRuntimeSession":
@@ -96,14 +114,18 @@ class OnnxRuntimeSession:
         return list(self.session.run(None, dict(zip(self.names, inputs))))
 
     def compute_precision(self, inputs: list[np.ndarray]) -> str:
-        """What the matrix multiplies ran in (the roofline's bound is that precision's GEMM)."""
-        if self.info["precision"] != "fp16":
-            return self.info["precision"]
-        return _ort_matmul_precision(self.config["artifact"], self.session.get_providers(), self.threads,
-                                     dict(zip(self.names, inputs)))
+        """What the matrix multiplies ran in (the roofline's bound is that precision's GEMM): fp32 graphs are
+        fp32; any other graph is read from one profiled inference (:func:`_ort_matmul_precisions`), whose
+        counts per precision land in ``info["matmul_precisions"]``."""
+        if self.info["precision"] == "fp32":
+            return "fp32"
+        counts = _ort_matmul_precisions(self.config["artifact"], self.session.get_providers(), self.threads,
+                                        dict(zip(self.names, inputs)), self.nbits_int8)
+        self.info["matmul_precisions"] = counts
+        return one_precision(counts)
 
     def profile(self) -> list[dict[str, Any]]:
-        """Per-op times of the runs since loading (profiling enabled at load), top first."""
+        """Per-op times of the runs since loading (profiling enabled at load), top first, with each op's kind."""
         path = self.session.end_profiling()
         if not path:
             return []
@@ -115,11 +137,143 @@ class OnnxRuntimeSession:
             op = e.get("args", {}).get("op_name", "?")
             totals[op] = totals.get(op, 0.0) + e.get("dur", 0) / 1e3
             counts[op] = counts.get(op, 0) + 1
-        return top_ops(totals, counts, self.runs)
+        return top_ops(totals, counts, self.runs, kinds={op: op_kind(op, self.nbits_int8) for op in totals})
 
 
-SESSIONS = {RUNTIME: OnnxRuntimeSession}
+# --- the int8 roofline probe -------------------------------------------------------------------------
 
+#: MatMulInteger operand types (A x B) the probe tries; MLAS's fastest differs per CPU (u8 x s8 is its
+#: x86 VNNI / AVX2 path, s8 x s8 and u8 x u8 its Arm dotprod / i8mm ones), so it measures them and keeps the fastest
+INT8_GEMM_TYPES = ("u8s8", "s8s8", "u8u8")
+_PROBE_N = 256
+
+
+class OnnxRuntimeInt8Gemm:
+    """The int8 roofline probe: onnxruntime's own integer matmul (MatMulInteger, int32 out) of an n x n
+    square on ``threads`` threads, the worker's config otherwise (``info["flop"]`` = 2 n^3 integer ops).
+
+    B is a constant initializer (prepacked at load, like a model's weights), A the fed input; ``run``
+    ignores its inputs. ``options``: ``n`` (default 2048; an upper limit: shrunk, in multiples of 256,
+    until one call is estimated at <= ``max_call_s``, default 1.0 s, as the float probe does), ``types``
+    (one of INT8_GEMM_TYPES; default: the fastest of them at n=256, timed here), ``providers``. Operand
+    values stay within |a| <= 127, |b| <= 64, so even AVX2's saturating 16-bit pair sums are exact and the
+    product equals numpy's int32 matmul of ``self.a`` and ``self.b``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import onnxruntime as ort
+
+        self.config = config
+        self.options: dict[str, Any] = config.get("options", {})
+        self.threads = int(config.get("threads") or os.cpu_count() or 1)
+        n_max = int(self.options.get("n", 2048))
+        providers = self.options.get("providers", [PARITY_PROVIDER])
+
+        def make(n: int, types: str) -> _IntegerMatMul:
+            return _IntegerMatMul(ort, n, types, self.threads, providers)
+
+        probe = min(_PROBE_N, n_max)
+        candidates = [self.options["types"]] if self.options.get("types") else list(INT8_GEMM_TYPES)
+        if not set(candidates) <= set(INT8_GEMM_TYPES):
+            raise ValueError(f"unknown MatMulInteger types {candidates[0]!r}; one of {', '.join(INT8_GEMM_TYPES)}")
+        best = {types: _best_time(make(probe, types)) for types in candidates}
+        types = min(best, key=best.get)
+        n = _gemm_size(best[types], probe, n_max, float(self.options.get("max_call_s", 1.0)))
+        self.gemm = make(n, types)
+        self.a, self.b = self.gemm.a, self.gemm.b
+        a, b = types[:2], types[2:]
+        self.info: dict[str, Any] = {
+            "threads": self.threads, "runtime": "gemm", "precision": "int8", "n": n, "flop": 2 * n ** 3,
+            "engine": f"onnxruntime {package_version('onnxruntime')} MatMulInteger {a} x {b} (B constant)",
+            "types": types, "candidates_n": probe,
+            "candidates_gops": {t: 2 * probe ** 3 / seconds / 1e9 for t, seconds in best.items()},
+            "providers": self.gemm.session.get_providers(), "native": native_int8()}
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return self.gemm()
+
+    def compute_precision(self, inputs: list[np.ndarray]) -> str:
+        return "int8"
+
+    def profile(self) -> list[dict[str, Any]]:
+        return []
+
+
+class _IntegerMatMul:
+    """One MatMulInteger session of n x n operands of ``types`` ("u8s8": A uint8, B int8); calling it runs it."""
+
+    def __init__(self, ort: Any, n: int, types: str, threads: int, providers: list[str]) -> None:
+        try:
+            import onnx
+            from onnx import helper, numpy_helper
+        except ImportError as exc:
+            raise ImportError("the onnxruntime int8 GEMM probe builds its one-node model with the onnx package, "
+                              "which is not installed for this python (pip install onnx)") from exc
+        rng = np.random.default_rng(0)
+        kinds = {"u8": (np.uint8, 0, 128, 0, 65), "s8": (np.int8, -127, 128, -64, 65)}  # dtype, A range, B range
+        (a_type, a_low, a_high, _, _), (b_type, _, _, b_low, b_high) = kinds[types[:2]], kinds[types[2:]]
+        self.a = rng.integers(a_low, a_high, (n, n)).astype(a_type)
+        self.b = rng.integers(b_low, b_high, (n, n)).astype(b_type)
+        tensor_type = {np.uint8: onnx.TensorProto.UINT8, np.int8: onnx.TensorProto.INT8}
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "int8_gemm",
+            [helper.make_tensor_value_info("A", tensor_type[a_type], [n, n])],
+            [helper.make_tensor_value_info("Y", onnx.TensorProto.INT32, [n, n])],
+            initializer=[numpy_helper.from_array(self.b, "B")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8  # what onnxruntime >= 1.10 reads: a remote device may have an older one
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        self.feeds = {"A": self.a}
+
+    def __call__(self) -> list[np.ndarray]:
+        return self.session.run(None, self.feeds)
+
+
+def _best_time(call: Any, times: int = 3) -> float:
+    """Seconds of the fastest of ``times`` calls, after one untimed call."""
+    call()
+    best = float("inf")
+    for _ in range(times):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _gemm_size(best_s: float, probe: int, n_max: int, max_call_s: float) -> int:
+    """The largest n (n_max, else a multiple of 256 >= ``probe``) whose GEMM, scaled cubically from
+    ``best_s`` seconds at ``probe``, takes <= ``max_call_s`` (the rule of devices/worker.py's gemm_size)."""
+    if n_max <= probe:
+        return n_max
+    for n in [n_max] + list(range(n_max // 256 * 256, probe - 1, -256)):
+        if best_s * (n / probe) ** 3 <= max_call_s:
+            return n
+    return probe
+
+
+#: CPU flags of integer dot-product units (as devices/worker.py's INTEGER_UNIT_FLAGS: this file is self-contained)
+INTEGER_UNIT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def native_int8() -> bool | None:
+    """Whether /proc/cpuinfo shows integer dot-product units; None where it cannot tell (no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    present = {w for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+               for w in line.split(":", 1)[1].split()}
+    return any(f in present for f in INTEGER_UNIT_FLAGS)
+
+
+SESSIONS = {RUNTIME: OnnxRuntimeSession, INT8_GEMM: OnnxRuntimeInt8Gemm}
+
+
+# --- what ran: kernels, their kinds and precisions ------------------------------------------------------
 
 def _ort_kernel_events(path: str) -> list[dict[str, Any]]:
     """The per-kernel events of an onnxruntime profile JSON (one per node run; args: op_name, input types)."""
@@ -130,12 +284,35 @@ def _ort_kernel_events(path: str) -> list[dict[str, Any]]:
 
 _MATMUL_OPS = ("MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "NchwcConv", "Attention",
                "MultiHeadAttention")
+#: kernels that multiply 8-bit integers: what onnxruntime fuses QDQ node units into, and the QOperator ops
+INT8_MATMUL_KERNELS = frozenset({"QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger", "MatMulIntegerToFloat",
+                                 "ConvInteger", "DynamicQuantizeMatMul", "QAttention"})
+#: kernels that only convert between precisions
+CONVERT_KERNELS = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast"})
 
 
-def _ort_matmul_precision(path: str, providers: list[str], threads: int, feeds: dict[str, np.ndarray]) -> str:
-    """What an fp16 graph's matrix multiplies run in: onnxruntime's CPU provider has no fp16 GEMM on most
-    CPUs and wraps such nodes in inserted Casts to float. One profiled inference in a throwaway session
-    reads the element type of each matmul-like kernel's first input."""
+def op_kind(op: str, nbits_int8: bool = False) -> str:
+    """A profiled kernel's kind: "int8" (integer kernels: QLinear*, the ones above, DynamicQuantize*, and
+    MatMulNBits when it quantizes its activations), "convert" (Q/DQ, Cast) or "float"."""
+    if op in INT8_MATMUL_KERNELS or op.startswith(("QLinear", "DynamicQuantize")) or op == "QEmbedLayerNormalization":
+        return "int8"
+    if op == "MatMulNBits" and nbits_int8:
+        return "int8"
+    return "convert" if op in CONVERT_KERNELS else "float"
+
+
+def one_precision(counts: dict[str, int]) -> str:
+    """The one precision of ``counts`` (matmul kernels per precision), "mixed" for several, "unknown" for none."""
+    return next(iter(counts)) if len(counts) == 1 else ("mixed" if counts else "unknown")
+
+
+def _ort_matmul_precisions(path: str, providers: list[str], threads: int, feeds: dict[str, np.ndarray],
+                           nbits_int8: bool = False) -> dict[str, int]:
+    """How many matrix-multiplying kernels ran in each precision, from one profiled inference in a throwaway
+    session: integer kernels (QDQ node units fused into QLinearMatMul, QGemm, MatMulIntegerToFloat, ...) are
+    int8; MatMulNBits dequantizes its weights inside the kernel and multiplies in its activations' float type
+    (int8 only at accuracy_level 4); float kernels by their first input's type (onnxruntime's CPU provider has
+    no fp16 GEMM on most CPUs and wraps fp16 nodes in inserted Casts to float)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,23 +323,72 @@ def _ort_matmul_precision(path: str, providers: list[str], threads: int, feeds: 
         session = ort.InferenceSession(path, opts, providers=providers)
         session.run(None, feeds)
         events = _ort_kernel_events(session.end_profiling())
-    kinds = set()
+    named = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+    counts: dict[str, int] = {}
     for e in events:
         args = e.get("args", {})
-        if args.get("op_name") in _MATMUL_OPS and args.get("input_type_shape"):
-            kinds.add(next(iter(args["input_type_shape"][0])))
-    named = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-    found = {named.get(k, k) for k in kinds}
-    return found.pop() if len(found) == 1 else ("mixed" if found else "unknown")
+        op, types = args.get("op_name"), args.get("input_type_shape") or [{}]
+        if op in INT8_MATMUL_KERNELS or (op == "MatMulNBits" and nbits_int8):
+            found = "int8"
+        elif op in _MATMUL_OPS or op == "MatMulNBits":
+            first = next(iter(types[0]), "unknown")
+            found = named.get(first, first)
+        else:
+            continue
+        counts[found] = counts.get(found, 0) + 1
+    return counts
 
 
-def _onnx_precision(path: str) -> str:
-    """fp16 if the graph carries float16 initializers, else fp32 (what onnxruntime computes in)."""
+def _ort_matmul_precision(path: str, providers: list[str], threads: int, feeds: dict[str, np.ndarray],
+                          nbits_int8: bool = False) -> str:
+    """The one precision the matrix multiplies ran in (:func:`_ort_matmul_precisions`), "mixed" or "unknown"."""
+    return one_precision(_ort_matmul_precisions(path, providers, threads, feeds, nbits_int8))
+
+
+# --- what the artifact stores --------------------------------------------------------------------------
+
+_QOPERATOR_OPS = ("MatMulInteger", "ConvInteger", "QGemm", "QAttention")
+
+
+def _onnx_precision(path: str) -> tuple[str, bool]:
+    """The artifact's stored precision (:func:`stored_precision`) and whether all its MatMulNBits quantize
+    their activations to int8 (``accuracy_level`` 4; 0, the default, and 1 compute in fp32 on the CPU)."""
     try:
         import onnx
 
         model = onnx.load(path, load_external_data=False)
-        fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-        return "fp16" if fp16 else "fp32"
+        nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                 for n in model.graph.node if n.op_type == "MatMulNBits"]
+        return stored_precision(model), bool(nbits) and all(a.get("accuracy_level", 0) == 4 for a in nbits)
     except Exception:  # precision is informative; a reading failure must not stop the measurement
-        return "unknown"
+        return "unknown", False
+
+
+def stored_precision(model: Any) -> str:
+    """What an onnx ``model`` stores: "int8 (QDQ)" (activations quantized by QuantizeLinear), "int8 (QOperator)",
+    "int8 (dynamic)", weight-only "w8 (MatMulNBits, DequantizeLinear)" / "w4 (MatMulNBits)" (bits and the
+    ops that hold them), else "fp16" when it has float16 initializers, else "fp32"."""
+    import onnx
+
+    graph = model.graph
+    ops = {n.op_type for n in graph.node}
+    if "QuantizeLinear" in ops:
+        return "int8 (QDQ)"
+    if any(op.startswith("QLinear") or op in _QOPERATOR_OPS for op in ops):
+        return "int8 (QOperator)"
+    if any(op.startswith("DynamicQuantize") for op in ops):
+        return "int8 (dynamic)"
+    low_bits = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT4: 4,
+                onnx.TensorProto.UINT4: 4}
+    stored = {t.name: low_bits.get(t.data_type) for t in graph.initializer}
+    bits, holders = set(), []
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            bits.add(next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "bits"), 4))
+            holders.append("MatMulNBits")
+        elif node.op_type == "DequantizeLinear" and stored.get(node.input[0]):
+            bits.add(stored[node.input[0]])
+            holders.append("DequantizeLinear")
+    if bits:
+        return "/".join(f"w{b}" for b in sorted(bits, reverse=True)) + f" ({', '.join(sorted(set(holders)))})"
+    return "fp16" if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer) else "fp32"

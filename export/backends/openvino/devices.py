@@ -30,7 +30,11 @@ def _plugin(device: str, why: str) -> Callable[[Facts], str | None]:
 
 PRECISIONS = {"fp32": ("fp32", {"inference_precision": "f32"}),
               "bf16": ("fp32", {"inference_precision": "bf16"}),  # the runtime lowers an fp32 IR
-              "fp16": ("fp32", {"inference_precision": "f16"})}
+              "fp16": ("fp32", {"inference_precision": "f16"}),
+              # quantized IRs (NNCF): what stays float runs in f32, like the fp32 row it is compared with
+              "int8": ("int8", {"inference_precision": "f32"}),
+              "w8": ("w8", {"inference_precision": "f32"}),
+              "w4": ("w4", {"inference_precision": "f32"})}
 
 ROWS: tuple[Device, ...] = (
     Device("openvino:cpu", "OpenVINO runtime, CPU plugin", "openvino", "openvino", "cpu",

@@ -41,11 +41,12 @@ def _nnapi(facts: Facts) -> str | None:
 
 ROWS: tuple[Device, ...] = (
     Device("tflite:xnnpack", "LiteRT interpreter, XNNPACK delegate (its default)", "litert", "tflite", "xnnpack",
-           _litert, {"fp32": ("fp32", {}), "fp16": ("fp16", {})}, {"delegate": "xnnpack"}, on_cpu=True,
+           _litert, {"fp32": ("fp32", {}), "fp16": ("fp16", {}), "int8": ("int8", {}), "w8": ("w8", {}),
+                     "w4": ("w4", {})}, {"delegate": "xnnpack"}, on_cpu=True,
            packages=PACKAGES),
     Device("tflite:gpu", "LiteRT interpreter, GPU delegate", "litert", "tflite", "gpu", _gpu,
            {"fp32": ("fp32", {}), "fp16": ("fp16", {})}, {"delegate": "gpu"}, packages=PACKAGES,
            facts_options=_gpu_library),
     Device("tflite:nnapi", "LiteRT interpreter, NNAPI delegate", "litert", "tflite", "nnapi", _nnapi,
-           {"fp32": ("fp32", {})}, {"delegate": "nnapi"}, packages=PACKAGES),
+           {"fp32": ("fp32", {}), "int8": ("int8", {})}, {"delegate": "nnapi"}, packages=PACKAGES),
 )

@@ -96,13 +96,74 @@ class LiteRTSession:
         return [self.interpreter.get_tensor(d["index"]) for d in self.outputs]  # get_tensor copies
 
     def compute_precision(self, inputs: list[np.ndarray]) -> str:
-        # XNNPACK (and LiteRT's reference kernels) dequantize fp16 weights to fp32 at preparation and compute
-        # in fp32 unless the delegate's FORCE_FP16 flag is set, which the interpreter's Python API does not
-        # set; a GPU/NNAPI delegate chooses for itself and does not say.
-        return "fp32" if self.info["delegate"] in ("xnnpack", "none") else "unknown"
+        """What the matrix multiplies ran in, from the operand types of each FULLY_CONNECTED / CONV_2D /
+        DEPTHWISE_CONV_2D / TRANSPOSE_CONV / BATCH_MATMUL (:func:`matmul_precisions`, counts in
+        ``info["matmul_precisions"]``); ``info["precision"]`` becomes what the artifact stores
+        (:func:`stored_precision`). A GPU/NNAPI delegate chooses for itself and does not say: "unknown"."""
+        ops = self.interpreter._get_ops_details()  # op names and tensor indices; no public API has them
+        tensors = {d["index"]: d for d in self.interpreter.get_tensor_details()}
+        self.info["precision"] = stored_precision(self.interpreter, ops, tensors, self.info["precision"])
+        if self.info["delegate"] not in ("xnnpack", "none"):
+            return "unknown"
+        counts = matmul_precisions(ops, tensors)
+        self.info["matmul_precisions"] = counts
+        return next(iter(counts)) if len(counts) == 1 else ("mixed" if counts else "unknown")
 
     def profile(self) -> list[dict[str, Any]]:
-        return []  # the interpreter's Python API has no per-op profiler
+        # The interpreter's Python API has no per-op profiler (LiteRT's op profiling lives in its C++
+        # benchmark tool), so there are no per-op rows or kinds to report.
+        return []
+
+
+#: LiteRT ops that multiply matrices
+MATMUL_OPS = frozenset({"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "BATCH_MATMUL",
+                        "CONV_3D"})
+_INTEGER = {"int8": "int8", "uint8": "int8", "int16": "int16"}
+
+
+def matmul_precisions(ops: list[dict[str, Any]], tensors: dict[int, dict[str, Any]]) -> dict[str, int]:
+    """How many matrix-multiplying ops run in each precision, from their operand types:
+
+    - int8 (uint8) activations: the static W8A8 kernels (XNNPACK qs8/qu8 GEMMs) -> int8 (int16: 16x8 -> int16);
+    - float activations with int8 weights fed directly (dynamic-range "hybrid" ops): the kernels quantize the
+      activations on each call and multiply in int8 (XNNPACK qd8 GEMMs, the builtin hybrid kernels; on a
+      tiny ViT both land ~1e-2 relative from the fp32 output, the size of activation quantization) -> int8;
+    - float activations with weights behind a DEQUANTIZE (weight-only int8/int4, fp16 weights): float. XNNPACK
+      computes these in fp32: on a weight-only int8 and int4 tiny ViT its output equals that of LiteRT's
+      builtin kernels (an explicit DEQUANTIZE, then a float kernel) to 2e-7 relative, where any activation
+      quantization would show as ~1e-2 (as the W8A8 artifact does) -> fp32.
+    """
+    counts: dict[str, int] = {}
+    for op in ops:
+        if op["op_name"] not in MATMUL_OPS or len(op["inputs"]) < 2:
+            continue
+        activation, weight = (tensors[i]["dtype"].__name__ for i in op["inputs"][:2])
+        found = _INTEGER.get(activation) or ("int8" if weight == "int8" else
+                                            {"float32": "fp32", "float16": "fp16"}.get(activation, activation))
+        counts[found] = counts.get(found, 0) + 1
+    return counts
+
+
+def stored_precision(interpreter: Any, ops: list[dict[str, Any]], tensors: dict[int, dict[str, Any]],
+                     default: str) -> str:
+    """What the artifact stores: "int8 (W8A8)" (integer activations on a matrix multiply), "int8 (dynamic
+    range)" (int8 weights fed to a float-activation matmul), "w8 (int8 weights)" / "w4 (int4 weights)"
+    (integer constants behind DEQUANTIZE ops), else ``default`` (fp32, "fp16 weights"). The interpreter
+    shows int4 tensors unpacked as int8: int4 is told by the values, all within [-8, 7] (per-channel int8
+    weights reach +-127 in every channel)."""
+    matmuls = [op for op in ops if op["op_name"] in MATMUL_OPS and len(op["inputs"]) >= 2]
+    if any(tensors[op["inputs"][0]]["dtype"].__name__ in _INTEGER for op in matmuls):
+        return "int8 (W8A8)"
+    if any(tensors[op["inputs"][1]]["dtype"].__name__ == "int8" for op in matmuls):
+        return "int8 (dynamic range)"
+    produced = {i for op in ops for i in op["outputs"]}
+    weights = [op["inputs"][0] for op in ops if op["op_name"] == "DEQUANTIZE" and op["inputs"][0] not in produced
+               and tensors[op["inputs"][0]]["dtype"].__name__ == "int8"]
+    if not weights:
+        return default
+    bits = sorted({4 if np.abs(interpreter.get_tensor(i).astype(np.int16)).max() <= 8 else 8 for i in weights},
+                  reverse=True)
+    return "/".join(f"w{b}" for b in bits) + f" ({' and '.join(f'int{b}' for b in bits)} weights)"
 
 
 SESSIONS = {RUNTIME: LiteRTSession}
