@@ -194,6 +194,8 @@ def fixes_for(op_or_problem: str, target: str | None = None, accelerator: str | 
     """
     from edgevit.export.passes import PASSES, default_pipeline, resolve_passes
 
+    from edgevit.export.quantization.passes import fixing_passes, quantized_pipeline
+
     key = _fix_key(op_or_problem)
     whole = op_or_problem.strip().lower()
     names = [name for name, cls in PASSES.items()
@@ -202,7 +204,11 @@ def fixes_for(op_or_problem: str, target: str | None = None, accelerator: str | 
     if target and accelerator:
         wanted = default_pipeline(target, accelerator)
         ordered.sort(key=lambda n: n not in wanted)  # stable: ORDER within each group
-    return ordered
+    # passes on quantized artifacts (export/quantization/passes.py): this accelerator's first, in its order
+    pipeline = quantized_pipeline(target, accelerator) if target else ()
+    quantized = sorted(dict.fromkeys(fixing_passes(key) + fixing_passes(whole)),
+                       key=lambda n: pipeline.index(n) if n in pipeline else len(pipeline))
+    return ordered + quantized
 
 
 def _with_fixes(cov: Coverage) -> Coverage:

@@ -63,6 +63,7 @@ def passes_cmd(
 ) -> None:
     """List the op-substitution passes, or one target's pipeline (``--passes auto``) in order."""
     from edgevit.export.passes import ORDER, PASSES, default_pipeline, resolve_passes
+    from edgevit.export.quantization.passes import listing_rows
     from edgevit.export.targets import TARGETS, get_target
 
     try:
@@ -84,6 +85,7 @@ def passes_cmd(
          "pipelines": [f"{t}:{a}" for t, a in pairs if n in default_pipeline(t, a)]}
         for n in names
     ]
+    rows += [r for r in listing_rows() if target is None or f"{target}:{acc}" in r["pipelines"]]
     if as_json:
         out_console.print_json(json.dumps(rows))
         return

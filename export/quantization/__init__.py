@@ -46,6 +46,8 @@ INFO_KEYS = (
     "float_ops",  # {op type: count} of compute ops that stayed float (the manifest says which)
     "notes",  # [str]: anything a user should know (e.g. "Core ML int8 activations calibrated with ...")
 )
+#: what a quantizer may add to INFO_KEYS: the quantized-graph passes that ran (export/quantization/passes.py)
+OPTIONAL_INFO_KEYS = ("passes",)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class QuantSpec:
     precision: str  # one of QUANTIZED
     scheme: str = "safe"  # int8 only: "safe" (transformer-safe preset) or "full"
     method: str = "auto"  # int8 only: how activation ranges are calibrated ("auto": the backend's default)
+    accelerator: str | None = None  # the accelerator the artifact is for: its quantized-graph passes run
 
     def __post_init__(self) -> None:
         if self.precision not in QUANTIZED:

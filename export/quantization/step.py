@@ -69,7 +69,8 @@ def plan(tgt: "Target", subject: "Subject", precision: str, options: "ExportOpti
             raise EdgevitError(f"--calibration/--eval apply to the quantized precisions (int8, w8, w4), "
                                f"not {precision}")
         return None
-    spec = resolved_spec(tgt, QuantSpec(precision, options.quant_scheme, options.calibration_method))
+    spec = resolved_spec(tgt, QuantSpec(precision, options.quant_scheme, options.calibration_method,
+                                        tgt.accelerator(options.accelerator).name))
     check_request(spec, calibration is not None, options.max_drop)
     folder = (isinstance(calibration, (str, Path)) and not is_npz(calibration)) or isinstance(evaluation, (str, Path))
     prep = _preprocessing(subject, options) if folder else None

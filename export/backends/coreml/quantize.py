@@ -52,6 +52,9 @@ from edgevit.export.quantization import QuantSpec
 
 METHODS = ("percentile", "minmax")  # ranges from the MIL executor: a percentile of |x|, or min/max
 
+#: the packages whose versions decide a quantized artifact's bytes (the bench's export cache key)
+PACKAGES = ("coremltools",)
+
 PRECISIONS = {
     "int8": "W8A8: coremltools linear_quantize_activations (int8 per-tensor quantize/dequantize, ranges from "
             "edgevit's MIL executor) + linear_quantize_weights int8 per-channel symmetric",

@@ -74,9 +74,19 @@ def onnx_ep_coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
         on = {tuple(n.output) for group in info.supported_groups for n in group}
         macs = _onnx_macs(model.graph)
         total, supported_macs = _mac_shares(macs, [tuple(n.output) in on for n in model.graph.node])
+        qdq = _nnapi_qdq_reasons(model) if accelerator == "nnapi" else None
     problems = [f"rank>{max_rank}: {op}" for op in sorted(info.ops_with_unsupported_rank)]
     if info.nodes_unsupported_due_to_dynamic_input:
         problems.append(f"dynamic shape: {info.nodes_unsupported_due_to_dynamic_input} nodes with dynamic input shapes")
+    if qdq is not None:  # a quantized graph: the usability checker's verdicts plus the EP's QDQ rules
+        in_groups = [tuple(n.output) in on for n in model.graph.node]
+        reasons = [r + ([] if ok else [("op", "not in the op table")] if not checker.is_op_supported(n)
+                        else [("_usability", "")]) for r, ok, n in zip(qdq, in_groups, model.graph.node)]
+        verdicts = _Verdicts([n.op_type for n in model.graph.node],
+                             _producers([list(n.input) for n in model.graph.node],
+                                        [list(n.output) for n in model.graph.node]), reasons, macs)
+        return verdicts.coverage("onnx:nnapi", f"onnxruntime usability checker ({label}) + NNAPI EP QDQ rules",
+                                 extra_problems=problems)
     return _with_fixes(Coverage(
         accelerator=f"onnx:{accelerator}",
         checker=f"onnxruntime usability checker ({label})",
@@ -88,6 +98,76 @@ def onnx_ep_coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
         macs_total=total,
         macs_supported=supported_macs,
     ))
+
+
+def _nnapi_qdq_reasons(model: Any) -> list[list[tuple[str, str]]] | None:
+    """Per node: why the NNAPI EP refuses it in a QDQ graph (None for a graph without quantizers).
+
+    The rules of the EP's builders (``nnapi_builtin/builders``: ``GetQuantizedOpType``,
+    ``IsQuantizedIOSupported``, the Softmax builder's fixed output scale), applied to the QDQ node units
+    onnxruntime forms (:func:`~edgevit.export.backends.onnx.qdq_passes.qdq_units`); a unit's verdict is that of
+    all its nodes (the op, its DequantizeLinear and QuantizeLinear nodes). A quantizer outside every unit is
+    the EP's DequantizeLinear/QuantizeLinear op: uint8, per tensor.
+    """
+    from edgevit.export.backends.onnx import qdq_passes as qp
+
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return None
+    g = qp.Graph(model)
+    index = {id(n): i for i, n in enumerate(model.graph.node)}
+    reasons: list[list[tuple[str, str]]] = [[] for _ in model.graph.node]
+    grouped: set[int] = set()
+    for unit in g.units():
+        found = _unit_reasons(g, unit)
+        for node in unit.nodes:  # the unit's op carries the problems; its quantizers go with it, unnamed
+            reasons[index[id(node)]] += found if node is unit.node else [("_" + key, "") for key, _ in found]
+            grouped.add(id(node))
+    for i, node in enumerate(model.graph.node):
+        if id(node) in grouped or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        reasons[i] += _encoding_reasons(g, node, weight=False)
+    return [list(dict.fromkeys(r)) for r in reasons]
+
+
+_NNAPI_UINT8 = "the NNAPI EP takes uint8 (TENSOR_QUANT8_ASYMM) everywhere but a Conv/MatMul/Gemm weight"
+_NNAPI_PER_TENSOR = "the NNAPI EP takes per-channel scales for Conv weights only"
+
+
+def _unit_reasons(g: Any, unit: Any) -> list[tuple[str, str]]:
+    from edgevit.export.backends.onnx import qdq_passes as qp
+
+    op = unit.node.op_type
+    found: list[tuple[str, str]] = []
+    if op not in qp.NNAPI_QDQ_OPS:
+        found.append(("qdq unit", "no quantized NNAPI kernel: the unit runs on the CPU EP"))
+    for i, dq in unit.dequantized.items():
+        if op in qp.WEIGHTED_OPS and i == 2:
+            continue  # int32 bias
+        found += _encoding_reasons(g, dq, weight=op in qp.WEIGHTED_OPS and i == 1, conv=op == "Conv")
+    for q in unit.quantized:
+        found += _encoding_reasons(g, q, weight=False)
+        if op == "Softmax" and not qp._is_nnapi_softmax_output(g, q):  # noqa: SLF001 - the pass's own test
+            found.append(("softmax output scale", "NNAPI's quantized SOFTMAX writes scale 1/256, zero point 0"))
+    return found
+
+
+def _encoding_reasons(g: Any, node: Any, weight: bool, conv: bool = False) -> list[tuple[str, str]]:
+    """A quantizer's encoding against the EP's: uint8 per tensor (a weight: int8 with zero points 0 too, per
+    channel for a Conv)."""
+    import numpy as np
+
+    from edgevit.export.backends.onnx import qdq_passes as qp
+
+    zero = g.initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    scale = g.array(node.input[1])
+    found = []
+    zero_type = zero.data_type if zero is not None else qp.UINT8
+    int8_weight = weight and zero_type == qp.INT8 and not np.any(g.array(node.input[2]))
+    if zero_type != qp.UINT8 and not int8_weight:
+        found.append(("int8 qdq", _NNAPI_UINT8))
+    if scale is None or (scale.size > 1 and not (weight and conv)):
+        found.append(("per-channel", _NNAPI_PER_TENSOR))
+    return found
 
 
 def onnx_cpu_coverage(path: str | pathlib.Path) -> Coverage:

@@ -1,6 +1,7 @@
 """OpenVINO coverage: what an OpenVINO device plugin would take of an IR model.
 
-``Core.query_model`` on the devices present (the CPU here), plus the NPU's static-shape rule; a
+``Core.query_model`` on the devices present (the CPU here), plus the NPU's static-shape rule and, for an
+int8 IR, its placement rule (every MatMul/Convolution input quantized, else that layer runs in fp16); a
 device whose plugin is absent gets only the rules checked. :func:`coverage` is the backend's entry
 point (``export/backends/__init__.py``); the shared verdict machinery is in :mod:`edgevit.export.coverage`.
 """
@@ -78,5 +79,50 @@ def openvino_coverage(path: str | pathlib.Path, device: str) -> Coverage:
     # producers by the nodes' unique names (friendly names, which query_model reports, may repeat)
     producers = _producers([[i.get_source_output().get_node().get_name() for i in op.inputs()] for op in ops],
                            [[op.get_name()] for op in ops])
+    notes: list[str] = []
+    if dev == "NPU" and any(op.get_type_name() == "FakeQuantize" for op in ops):  # an int8 IR
+        placement, float_ops = _int8_placement(model)
+        extra += placement
+        checker += " + int8 placement rules"
+        if float_ops:
+            notes.append("compute ops left float (the NPU runs them in fp16): "
+                         + ", ".join(f"{k} x{n}" for k, n in sorted(float_ops.items())))
     verdicts = _Verdicts([op.get_type_name() for op in ops], producers, reasons, [_ov_macs(op) for op in ops])
-    return verdicts.coverage(f"openvino:{device}", checker, extra_problems=extra)
+    return verdicts.coverage(f"openvino:{device}", checker, extra_problems=extra, notes=notes)
+
+
+# Ops that keep a quantized value quantized (OpenVINO's low-precision transformations pass int8 through
+# them): between a FakeQuantize and a MatMul/Convolution they leave its input int8.
+_PRECISION_PRESERVING = frozenset({
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "StridedSlice", "Gather", "Concat", "Split",
+    "VariadicSplit", "Broadcast", "Tile", "Pad", "DepthToSpace", "SpaceToDepth", "MaxPool", "ShuffleChannels",
+    "Interpolate", "Convert",
+})
+_WEIGHTED = ("MatMul", "Convolution", "GroupConvolution")
+
+
+def _int8_placement(model: Any) -> tuple[list[str], dict[str, int]]:
+    """The NPU's int8 rules on a quantized IR: every MatMul/Convolution input quantized (a FakeQuantize
+    reached through precision-preserving ops, or a weight stored in a low-precision type), else that layer
+    computes in fp16. Returns the problems and the compute ops that stay float (from the quantizer's own
+    reading, :class:`edgevit.export.backends.openvino.quantize.IRGraph`)."""
+    import collections
+
+    from edgevit.export.backends.openvino.quantize import IRGraph
+
+    graph = IRGraph(model)
+    unquantized: collections.Counter[str] = collections.Counter()
+    for node in graph.nodes:
+        if node.get_type_name() in _WEIGHTED and not all(_is_int8_input(graph, graph.source(p)) for p in node.inputs()):
+            unquantized[node.get_type_name()] += 1
+    problems = [f"fq placement: {kind} x{n} (an input is not quantized: the NPU computes it in fp16, not int8)"
+                for kind, n in sorted(unquantized.items())]
+    float_ops = collections.Counter(node.get_type_name() for node, quantized in graph.op_precisions().items()
+                                    if not quantized and node.get_type_name() not in _WEIGHTED)
+    return problems, dict(float_ops)
+
+
+def _is_int8_input(graph: Any, node: Any) -> bool:
+    while node.get_type_name() in _PRECISION_PRESERVING and not graph.is_constant(node):
+        node = graph.source(node.input(0))
+    return node.get_type_name() == "FakeQuantize" or bool(graph.constant_type.get(node.get_name()))

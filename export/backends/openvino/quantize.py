@@ -52,6 +52,9 @@ METHODS = ("minmax", "percentile")  # NNCF range estimators (no KL-divergence on
 # MEAN_QUANTILE averages per-sample quantiles and clipped a trained MobileViT-v2 to 9.5 dB / -2.0 points where
 # minmax gave 36.4 dB / 0.0 (benchmarks/RESULTS.md, 2026-12-04)
 
+#: the packages whose versions decide a quantized artifact's bytes (the bench's export cache key)
+PACKAGES = ("nncf", "openvino")
+
 PRECISIONS: dict[str, str] = {
     "int8": "nncf.quantize: static W8A8 FakeQuantize IR from calibration data (safe: ModelType.TRANSFORMER; "
             "full: every op NNCF's CPU config can quantize)",

@@ -4,7 +4,9 @@
   list when the interpreter cannot load the model;
 * GPU: TensorFlow's TFLite analyzer (``gpu_compatibility=True``) plus the delegate's op table and
   rules (``gpu_compatibility.cc``), rank <= 4 and batch 1, which the analyzer does not check;
-* NNAPI: the NNAPI delegate's op list and rules (``nnapi_delegate.cc``).
+* NNAPI: the NNAPI delegate's op list and rules (``nnapi_delegate.cc``); for a quantized model also the
+  full-integer rules: no op computing in float but the QUANTIZE/DEQUANTIZE of the model's float inputs and
+  outputs, no int8 op the delegate takes in float only (DIV, SQRT, ...), MEAN without a rescale.
 
 The model is read with LiteRT's own flatbuffer schema reader. :func:`coverage` is the backend's entry
 point (``export/backends/__init__.py``); the shared verdict machinery is in :mod:`edgevit.export.coverage`.
@@ -39,6 +41,8 @@ class _TflTensor:
     signature: tuple[int, ...]
     dtype: str
     runtime: bool  # a graph input or an op's output (not a constant)
+    scale: tuple[float, ...] = ()  # quantization parameters (empty: not quantized)
+    zero_point: tuple[int, ...] = ()
 
 
 @dataclass
@@ -93,8 +97,11 @@ def _read_tflite(path: pathlib.Path) -> _TflGraph:
         shape = tuple(int(d) for d in _as_list(t.shape))
         sig = tuple(int(d) for d in _as_list(t.shapeSignature)) or shape
         name = t.name.decode(errors="replace") if isinstance(t.name, bytes) else str(t.name)
+        q = t.quantization
         tensors.append(_TflTensor(name, shape, sig, type_names.get(t.type, str(t.type)),
-                                  i in produced or bool(t.isVariable)))
+                                  i in produced or bool(t.isVariable),
+                                  tuple(float(x) for x in _as_list(q.scale if q else None)),
+                                  tuple(int(x) for x in _as_list(q.zeroPoint if q else None))))
     boundary = frozenset(int(x) for x in [*_as_list(sg.inputs), *_as_list(sg.outputs)])
     return _TflGraph(ops, tensors, len(model.subgraphs), boundary)
 
@@ -260,6 +267,45 @@ def _nnapi_reasons(g: _TflGraph, op: _TflOp) -> list[tuple[str, str]]:
     return reasons
 
 
+# Ops the NNAPI delegate validates with float inputs only (nnapi_delegate.cc ``Validate``: "NNAPI only support
+# float div.", ``ExpectIsFloatOperator`` for SQRT/RSQRT/EXP/LOG/POW/ABS/SIN/L2_POOL_2D, float-only SUM,
+# REDUCE_PROD, LOG_SOFTMAX, ELU): NNAPI has no integer form of them, so an int8 one stays on the CPU.
+_NNAPI_FLOAT_ONLY = frozenset("""
+ABS DIV ELU EXP L2_POOL_2D LOG LOG_SOFTMAX POW REDUCE_PROD RSQRT SIN SQRT SUM
+""".split())
+_INT_TYPES = frozenset({"INT8", "UINT8"})
+
+
+def _is_integer_model(g: _TflGraph) -> bool:
+    """A model whose activations are quantized (an int8/uint8 tensor an op computes, not only weights)."""
+    return any(t is not None and t.runtime and t.dtype in _INT_TYPES for op in g.ops for t in map(g.t, op.outputs))
+
+
+def _is_boundary_conversion(g: _TflGraph, op: _TflOp) -> bool:
+    """The QUANTIZE of a model input or the DEQUANTIZE of a model output: the float interface a full-integer
+    model with float I/O legitimately has."""
+    if op.name == "QUANTIZE":
+        return bool(op.inputs) and op.inputs[0] in g.boundary
+    return op.name == "DEQUANTIZE" and bool(op.outputs) and op.outputs[0] in g.boundary
+
+
+def _nnapi_int8_reasons(g: _TflGraph, op: _TflOp) -> list[tuple[str, str]]:
+    """Why NNAPI would not run ``op`` of a full-integer model as an integer op."""
+    if _is_boundary_conversion(g, op):
+        return []
+    tensors = [*g.runtime_inputs(op), *(t for t in map(g.t, op.outputs) if t is not None)]
+    if any(t.dtype in ("FLOAT32", "FLOAT16") for t in tensors):
+        return [("float op", "computes in float in a full-integer model: an int8 NNAPI accelerator hands it "
+                             "to the CPU")]
+    ins = g.runtime_inputs(op)
+    if op.name in _NNAPI_FLOAT_ONLY and ins and ins[0].dtype in _INT_TYPES:
+        return [("float-only op", "the NNAPI delegate takes it with float inputs only (nnapi_delegate.cc)")]
+    out = g.t(op.outputs[0]) if op.outputs else None
+    if op.name == "MEAN" and ins and out is not None and (ins[0].scale, ins[0].zero_point) != (out.scale, out.zero_point):
+        return [("mean rescale", "NNAPI's MEAN needs the same scale and zero point in and out")]
+    return []
+
+
 def _run_tflite_analyzer(path: pathlib.Path) -> tuple[str | None, str]:
     """TensorFlow's TFLite analyzer report with ``gpu_compatibility=True`` (None if TF is missing).
 
@@ -372,9 +418,11 @@ def tflite_coverage(path: str | pathlib.Path, accelerator: str, analyzer: bool =
         return _Verdicts(ops, producers, reasons, macs).coverage("tflite:gpu", checker, notes=notes)
     if accelerator == "nnapi":
         reasons = [_nnapi_reasons(g, op) for op in g.ops]
-        return _Verdicts(ops, producers, reasons, macs).coverage(
-            "tflite:nnapi", "edgevit NNAPI delegate rules (nnapi_delegate.cc op list, rank<=4, static shapes)",
-            notes=notes)
+        checker = "edgevit NNAPI delegate rules (nnapi_delegate.cc op list, rank<=4, static shapes)"
+        if _is_integer_model(g):  # a quantized model: NNAPI's integer rules too
+            reasons = [r + _nnapi_int8_reasons(g, op) for r, op in zip(reasons, g.ops)]
+            checker += " + full-integer rules (no float op; the delegate's int8 input types)"
+        return _Verdicts(ops, producers, reasons, macs).coverage("tflite:nnapi", checker, notes=notes)
     if accelerator == "xnnpack":
         return _tflite_xnnpack(path, g, ops, producers, macs, notes)
     raise EdgevitError(f"target 'tflite' has no accelerator '{accelerator}'; choose one of: xnnpack, gpu, nnapi")

@@ -35,7 +35,11 @@ from typing import Any
 import numpy as np
 
 from edgevit.errors import EdgevitError
+from edgevit.export.backends.tflite.qdq_passes import rewrite_artifact
 from edgevit.export.quantization import QuantSpec
+
+#: the packages whose versions decide a quantized artifact's bytes (the bench's export cache key)
+PACKAGES = ("ai-edge-quantizer", "ai-edge-litert")
 
 PRECISIONS: dict[str, str] = {
     "int8": "ai-edge-quantizer static W8A8 (static_wi8_ai8): int8 per-channel weights, int8 per-tensor "
@@ -73,6 +77,8 @@ def quantize(fp32_artifact: Path, out: Path, spec: QuantSpec,
     qsvs = _calibrate(fp32_artifact, recipe, spec, calibration) if spec.calibrated else None
     result = quantizer.Quantizer(str(fp32_artifact), recipe).quantize(qsvs)
     result.export_model(str(out), overwrite=True)
+    # the accelerator's passes on the quantized model (export/backends/tflite/qdq_passes.py)
+    rewritten = rewrite_artifact(out, getattr(spec, "accelerator", None), spec.precision, calibration, fp32_artifact)
     quantized_ops, float_ops, conversions = count_ops(out)
     return {
         "tool": _tool(spec),
@@ -81,7 +87,9 @@ def quantize(fp32_artifact: Path, out: Path, spec: QuantSpec,
         "activations": _activations(spec, len(calibration)),
         "quantized_ops": quantized_ops,
         "float_ops": float_ops,
-        "notes": _notes(spec, conversions, fp32_artifact, out),
+        "notes": _notes(spec, conversions, fp32_artifact, out) + rewritten["notes"],
+        # the quantized-graph passes of the accelerator (only when it has some: the keys stay INFO_KEYS otherwise)
+        **({"passes": rewritten["passes"]} if rewritten["passes"] else {}),
     }
 
 
