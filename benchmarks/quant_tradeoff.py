@@ -83,10 +83,12 @@ def goals(result: dict[str, Any], models: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def accuracy_rows(path: Path | None, models: list[str], precisions: list[str]) -> list[dict[str, Any]]:
-    """The trained-model quantization table: read from quant_accuracy.py's --json, else run its cells now."""
+def accuracy_rows(path: Path | None, models: list[str], precisions: list[str], scheme: str) -> list[dict[str, Any]]:
+    """The trained-model quantization table: read from quant_accuracy.py's --json (or this script's, which
+    keeps the cells it ran under "accuracy"), else run its cells now."""
     if path is not None:
-        return json.loads(path.read_text())["rows"]
+        document = json.loads(path.read_text())
+        return document.get("accuracy") or document["rows"]
     import quant_accuracy
     import quant_models
 
@@ -96,14 +98,16 @@ def accuracy_rows(path: Path | None, models: list[str], precisions: list[str]) -
             model, folders, _ = quant_models.trained(family, Path(tmp))
             for target in CPU_TARGETS:
                 for precision in precisions:
-                    rows.append(quant_accuracy.run_cell(model, family, folders, target, precision, Path(tmp) / "out"))
+                    rows.append(quant_accuracy.run_cell(model, family, folders, target, precision, Path(tmp) / "out",
+                                                        scheme if precision == "int8" else "safe"))
                     print(f"accuracy {family} {target} {precision}: drop {rows[-1]['drop']:+.2f}", file=sys.stderr)
     return rows
 
 
 def tradeoff_rows(result: dict[str, Any], accuracy: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (model, runtime, precision): speed from the bench, drop from the trained family's cell."""
-    by_cell = {(a["family"], a["target"], a["precision"]): a for a in accuracy}
+    by_cell = {(a["family"], a["target"], a["precision"]): a for a in accuracy
+               if a["precision"] != "int8" or a.get("scheme", "safe") == result.get("options", {}).get("quant_scheme", "safe")}
     fp32_bytes = {(r["model"], r["device"]): r.get("artifact_bytes") for r in result["rows"] if r["precision"] == "fp32"}
     out = []
     for r in result["rows"]:
@@ -152,7 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(FAMILY))
     parser.add_argument("--precisions", default="int8,w8,w4")
-    parser.add_argument("--accuracy", type=Path, help="quant_accuracy.py --json output to reuse")
+    parser.add_argument("--accuracy", type=Path, help="quant_accuracy.py --json output (or this script's) to reuse")
+    parser.add_argument("--quant-scheme", default="safe", help="int8 scheme: safe or full (integer-only)")
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="per-op profiles of every row (in the bench report)")
@@ -161,19 +166,22 @@ def main() -> None:
     args = parser.parse_args()
     models, precisions = args.models.split(","), args.precisions.split(",")
     opts = BenchOptions(models=models, precision=",".join(["fp32", *precisions]), targets=list(CPU_TARGETS),
-                        runs=args.runs, rounds=args.rounds, out=args.out, profile=args.profile)
+                        runs=args.runs, rounds=args.rounds, out=args.out, profile=args.profile,
+                        quant_scheme=args.quant_scheme)
     result = run_bench(opts, lambda msg, n: print(msg, file=sys.stderr, flush=True) if n == 0 else None)
     from edgevit.devices.report import finding_lines, gemm_lines, machine_lines, write_all
 
     write_all(result, args.out)
-    rows = tradeoff_rows(result, accuracy_rows(args.accuracy, models, precisions))
+    accuracy = accuracy_rows(args.accuracy, models, precisions, args.quant_scheme)
+    rows = tradeoff_rows(result, accuracy)
     goal_rows = goals(result, models)
     print("\n".join(machine_lines(result) + gemm_lines(result)))
     print(markdown(rows, goal_rows))
     print("\n".join(finding_lines(result)))
     if args.json:
         args.json.write_text(json.dumps({"versions": result["versions"], "machine": result["machine"], "rows": rows,
-                                         "goals": goal_rows, "gemm": result["gemm"]}, indent=1, default=str))
+                                         "goals": goal_rows, "gemm": result["gemm"], "accuracy": accuracy,
+                                         "scheme": args.quant_scheme}, indent=1, default=str))
 
 
 if __name__ == "__main__":

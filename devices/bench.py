@@ -621,7 +621,7 @@ def artifact_bytes(target: str, artifact: Path) -> int:
 
 def quant_summary(record: dict[str, Any]) -> dict[str, Any]:
     """What a bench row keeps of an export's quantization record: how it was made, what stayed float."""
-    keep = ("precision", "scheme", "method", "tool", "float_ops", "size_ratio")
+    keep = ("precision", "scheme", "method", "tool", "quantized_ops", "float_ops", "size_ratio")
     summary = {k: record[k] for k in keep if k in record}
     calibration = record.get("calibration") or {}
     summary["calibration"] = {k: calibration.get(k) for k in ("source", "images") if k in calibration}

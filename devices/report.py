@@ -278,10 +278,24 @@ def slower_reasons(row: dict[str, Any], flags: list[str] | None) -> list[str]:
     floating = _float_op_count((row.get("quantization") or {}).get("float_ops"))
     if precision == "int8" and floating:
         reasons.append(f"{floating} compute op(s) left in float, with quantize/dequantize conversions around them")
+    reasons += _backend_reasons(row)
     kinds = profile_shares(row.get("profile") or [])
     if kinds:
         reasons.append("profile: " + ", ".join(f"{share:.0%} {kind}" for kind, share in kinds.items()))
     return reasons or ["nothing in the CPU flags, the artifact or the profile explains it (re-run with --profile)"]
+
+
+def _backend_reasons(row: dict[str, Any]) -> list[str]:
+    """What the row's backend knows about its runtime's quantized kernels (its devices module's
+    ``slower_reasons(row)``, where it has one)."""
+    from edgevit.devices.table import DEVICES
+    from edgevit.export.backends import get_backend
+
+    device = DEVICES.get(row.get("device", ""))
+    if device is None or device.target is None:
+        return []
+    explain = getattr(get_backend(device.target).module("devices"), "slower_reasons", None)
+    return list(explain(row)) if explain else []
 
 
 def profile_shares(profile: list[dict[str, Any]]) -> dict[str, float]:

@@ -195,3 +195,12 @@ def test_bench_int8_and_w8_on_onnxruntime_end_to_end(tmp_path: Path) -> None:
     assert any(g["precision"] == "int8" and g.get("gflops") for g in result["gemm"])
     assert list(out.glob("inputs/calibration-deit_tiny-64-seeded32.npz"))
     assert "vs fp32 (same runtime)" in (out / "report.md").read_text()
+
+
+def test_onnxruntime_names_its_dequantized_conv_weights_when_w8_is_slower() -> None:
+    from edgevit.devices.report import slower_reasons
+
+    row = {"device": "onnx:cpu", "precision": "w8", "runtime_info": {"compute_precision": "mixed"},
+           "quantization": {"quantized_ops": {"Conv": 45, "MatMulNBits": 12}}}
+    assert any("45 Conv weight(s) behind DequantizeLinear" in r for r in slower_reasons(row, ["avx512_vnni"]))
+    assert not any("DequantizeLinear" in r for r in slower_reasons(row | {"device": "openvino:cpu"}, ["avx2"]))

@@ -96,3 +96,53 @@ def test_the_pass_is_only_where_it_was_measured_faster() -> None:
     assert "split_fused_projection" in get_target("openvino").pipeline("cpu")
     for target, accelerator in (("onnx", "cpu"), ("coreml", None), ("tflite", "gpu"), ("openvino", "npu")):
         assert "split_fused_projection" not in get_target(target).pipeline(accelerator)
+
+
+# --- split_fused_conv_projection: MobileViT-v2's 1x1-conv qkv, split along channels ------------------------
+
+class _ConvQKV(nn.Module):
+    """MobileViT-v2's linear attention projection: one 1x1 conv, split [1, d, d] along channels."""
+
+    def __init__(self, dim: int = 8, kernel: int = 1, padding: int = 0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.qkv = nn.Conv2d(dim, 1 + 2 * dim, kernel, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([1, self.dim, self.dim], dim=1)
+        scores = q.softmax(dim=-1)
+        return (k * scores).sum(-1, keepdim=True).relu() * v
+
+
+def test_a_channel_split_1x1_conv_becomes_one_conv_per_range_with_the_same_values() -> None:
+    model = _ConvQKV().eval()
+    torch.manual_seed(0)
+    result = run_pipeline(model, (torch.randn(1, 8, 2, 6),), ["split_fused_conv_projection"])
+    assert [(r.name, r.sites, r.exact) for r in result.reports] == [("split_fused_conv_projection", 1, True)]
+    convs = _ops(result, "aten.conv2d.default")
+    assert sorted(tuple(n.meta["val"].shape) for n in convs) == [(1, 1, 2, 6), (1, 8, 2, 6), (1, 8, 2, 6)]
+    assert _ops(result, "aten.split_with_sizes.default") == _ops(result, "aten.split.Tensor") == []
+    y = torch.randn(1, 8, 2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(result.program.module()(y), model(y), rtol=0, atol=1e-6)
+
+
+def test_convs_that_are_not_pointwise_or_are_split_along_space_are_left_alone() -> None:
+    class _Rows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            top, bottom = self.conv(x).split(2, dim=2)  # rows, not channels
+            return top * bottom
+
+    for model, shape in ((_ConvQKV(kernel=3, padding=1), (1, 8, 4, 4)), (_Rows(), (1, 4, 4, 4))):
+        result = run_pipeline(model.eval(), (torch.randn(shape),), ["split_fused_conv_projection"])
+        assert [r.sites for r in result.reports] == [0]
+
+
+def test_the_conv_split_is_in_the_openvino_cpu_pipeline_only() -> None:
+    assert "split_fused_conv_projection" in get_target("openvino").pipeline("cpu")
+    for target, accelerator in (("tflite", "xnnpack"), ("onnx", "cpu"), ("openvino", "npu"), ("coreml", "ane")):
+        assert "split_fused_conv_projection" not in get_target(target).pipeline(accelerator)

@@ -122,7 +122,10 @@ def test_cli_passes_lists_pipelines() -> None:
     proc = _cli("passes", "--target", "onnx", "--accelerator", "nnapi", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert [r["name"] for r in rows] == list(default_pipeline("onnx", "nnapi"))
+    from edgevit.export.quantization.passes import quantized_pipeline
+
+    # the graph passes in order, then the quantized-graph passes its int8 artifacts get (docs/placement.md)
+    assert [r["name"] for r in rows] == [*default_pipeline("onnx", "nnapi"), *quantized_pipeline("onnx", "nnapi")]
     assert all("onnx:nnapi" in r["pipelines"] for r in rows)
 
 

@@ -63,7 +63,7 @@ def passes_cmd(
 ) -> None:
     """List the op-substitution passes, or one target's pipeline (``--passes auto``) in order."""
     from edgevit.export.passes import ORDER, PASSES, default_pipeline, resolve_passes
-    from edgevit.export.quantization.passes import listing_rows
+    from edgevit.export.quantization.passes import listing_rows, quantized_pipeline
     from edgevit.export.targets import TARGETS, get_target
 
     try:
@@ -85,7 +85,11 @@ def passes_cmd(
          "pipelines": [f"{t}:{a}" for t, a in pairs if n in default_pipeline(t, a)]}
         for n in names
     ]
-    rows += [r for r in listing_rows() if target is None or f"{target}:{acc}" in r["pipelines"]]
+    quantized = listing_rows()  # the quantized-graph passes (docs/placement.md), after the graph passes
+    if target is not None:  # in the order that accelerator's int8 artifacts run them
+        order = quantized_pipeline(tgt.name, acc)
+        quantized = sorted((r for r in quantized if r["name"] in order), key=lambda r: order.index(r["name"]))
+    rows += quantized
     if as_json:
         out_console.print_json(json.dumps(rows))
         return

@@ -82,6 +82,7 @@ ORDER: tuple[str, ...] = (
     "ane_split_heads",  # that they see the final op set
     "ane_cancel_transposes",
     "split_fused_projection",  # on the final graph: column ranges of a fused qkv Linear as separate Linears
+    "split_fused_conv_projection",  # likewise for a fused 1x1-conv projection split along channels
     "fold_scale_into_linear",  # after the split: the attention scale folded into the q columns
     "sink_slices",  # last: moves slices above row-wise ops of the final graph
 )

@@ -244,33 +244,33 @@ def slice_bounds(ctx: PassContext, node: fx.Node) -> tuple[int, int, int, int] |
 _SPLITS = (aten.split, aten.split_with_sizes)
 
 
-def split_columns(ctx: PassContext, item: fx.Node) -> tuple[fx.Node, int, int] | None:
-    """(source, start, end) of ``getitem(split(source, sizes, -1), i)`` along the last dim."""
+def split_columns(ctx: PassContext, item: fx.Node, dim: int = -1) -> tuple[fx.Node, int, int] | None:
+    """(source, start, end) of ``getitem(split(source, sizes, dim), i)`` (default: along the last dim)."""
     chunk = split_chunk(ctx, item)
-    if chunk is None or chunk[1] != len(ctx.shape(chunk[0])) - 1:
+    if chunk is None or chunk[1] != dim % len(ctx.shape(chunk[0])):
         return None
     return chunk[0], chunk[2], chunk[3]
 
 
-def slice_columns(ctx: PassContext, node: fx.Node) -> tuple[fx.Node, int, int] | None:
-    """(source, start, end) of a step-1 ``slice`` along the last dim."""
+def slice_columns(ctx: PassContext, node: fx.Node, dim: int = -1) -> tuple[fx.Node, int, int] | None:
+    """(source, start, end) of a step-1 ``slice`` along ``dim`` (default: the last dim)."""
     bounds = slice_bounds(ctx, node)
-    if bounds is None or bounds[0] != ctx.rank(node.args[0]) - 1 or bounds[3] != 1:
+    if bounds is None or bounds[0] != dim % ctx.rank(node.args[0]) or bounds[3] != 1:
         return None
     return node.args[0], bounds[1], bounds[2]
 
 
-def column_readers(ctx: PassContext, linear: fx.Node) -> list[tuple[fx.Node, int, int]] | None:
+def column_readers(ctx: PassContext, linear: fx.Node, dim: int = -1) -> list[tuple[fx.Node, int, int]] | None:
     """(reader, start, end) for each reader of ``linear``'s output when every one takes whole columns
-    -- the chunks of one last-dim split, or last-dim step-1 slices that do not overlap -- so each column
-    range reaches only its own reader; None otherwise."""
+    -- the chunks of one split along ``dim`` (default: the last), or step-1 slices along it that do not
+    overlap -- so each column range reaches only its own reader; None otherwise."""
     users = list(linear.users)
     if len(users) == 1 and is_op(users[0], *_SPLITS):
         readers = list(users[0].users)
-        found = [split_columns(ctx, u) if u.target is operator.getitem else None for u in readers]
+        found = [split_columns(ctx, u, dim) if u.target is operator.getitem else None for u in readers]
     else:
         readers = users
-        found = [slice_columns(ctx, u) if is_op(u, aten.slice) else None for u in readers]
+        found = [slice_columns(ctx, u, dim) if is_op(u, aten.slice) else None for u in readers]
     if not readers or any(cols is None for cols in found):
         return None
     spans = sorted((cols[1], cols[2]) for cols in found)

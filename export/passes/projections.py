@@ -52,3 +52,46 @@ class SplitFusedProjection(GraphPass):
             rows_bias = None if bias is None else ctx.add_constant(bias[start:end], "projection_bias")
             ctx.replace(reader, ctx.call(aten.linear.default, node.args[0], rows_weight, rows_bias))
         return True
+
+
+@register_pass
+class SplitFusedConvProjection(GraphPass):
+    """A 1x1 ``conv2d(x, W, b)`` read only as channel ranges (a dim-1 split or slices) → one conv per range.
+
+    What: MobileViT-v2's fused projection ``qkv_proj(x).split([1, d, d], dim=1)`` becomes three 1x1
+    convolutions on the weight blocks W[0:1], W[1:1+d], W[1+d:1+2d] (biases likewise); a range nobody
+    reads is not computed. Only constant weights, stride 1, no padding, no dilation, one group, and only
+    when every reader takes whole channels and no two readers overlap.
+    Why: OpenVINO's CPU plugin runs the channel split of a blocked-layout tensor with its reference
+    VariadicSplit kernel: 0.9 ms of MobileViT-v2-0.5's 5.3 ms at int8 and 0.85 of 8.2 ms at fp32 on this
+    repo's 2-core x86 CPU (9 splits); three convolutions write their outputs directly.
+    Exact up to fp32 rounding: each output channel is the same dot product of the same input pixel.
+    """
+
+    name = "split_fused_conv_projection"
+    exact = True
+
+    def matches(self, ctx: PassContext, node: fx.Node) -> bool:
+        if not is_op(node, aten.conv2d) or ctx.rank(node) != 4 or not node.users or not _pointwise_conv(node):
+            return False
+        weight, _ = linear_constants(ctx, node)
+        if weight is None or tuple(weight.shape[2:]) != (1, 1):
+            return False
+        readers = column_readers(ctx, node, dim=1)
+        return readers is not None and [(s, e) for _, s, e in readers] != [(0, ctx.shape(node)[1])]
+
+    def rewrite(self, ctx: PassContext, node: fx.Node) -> bool:
+        weight, bias = linear_constants(ctx, node)
+        for reader, start, end in column_readers(ctx, node, dim=1):
+            rows_weight = ctx.add_constant(weight[start:end], "projection_weight")
+            rows_bias = None if bias is None else ctx.add_constant(bias[start:end], "projection_bias")
+            ctx.replace(reader, ctx.call(aten.conv2d.default, node.args[0], rows_weight, rows_bias))
+        return True
+
+
+def _pointwise_conv(node: fx.Node) -> bool:
+    """conv2d(x, w, b, stride, padding, dilation, groups) with the defaults: stride 1, no padding, groups 1."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    stride, padding, dilation, groups = args[3:7]
+    ones = (None, 1, [1, 1], (1, 1))
+    return stride in ones and padding in (None, 0, [0, 0], (0, 0)) and dilation in ones and groups in (None, 1)

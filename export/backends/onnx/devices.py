@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from edgevit.devices.device import Device, Facts, package_reason
 
@@ -48,3 +48,13 @@ ROWS: tuple[Device, ...] = (
     Device("onnx:nnapi", "onnxruntime, NnapiExecutionProvider", "onnxruntime", "onnx", "nnapi",
            _nnapi, PRECISIONS | {"int8": QUANTIZED["int8"]}, {"providers": ["NnapiExecutionProvider", "CPUExecutionProvider"]}, packages=PACKAGES),
 )
+
+
+def slower_reasons(row: dict[str, Any]) -> list[str]:
+    """Why a quantized onnxruntime row may be slower than its fp32 row, from the artifact's record."""
+    quantized = (row.get("quantization") or {}).get("quantized_ops") or {}
+    reasons = []
+    if row.get("precision") == "w8" and quantized.get("Conv"):
+        reasons.append(f"{quantized['Conv']} Conv weight(s) behind DequantizeLinear: not constants to the CPU "
+                       "provider, which then cannot pre-pack them (no NCHWc kernels)")
+    return reasons

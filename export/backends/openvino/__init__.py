@@ -26,13 +26,13 @@ BACKEND = Backend(
                         "; int8: NNCF quantize; w8/w4: NNCF compress_weights",
     ),
     # the passes each accelerator runs, in ORDER (export/passes/__init__.py)
-    # cpu: the fused projection split (measured faster); gpu/npu: finite masks for their f16 arithmetic.
+    # cpu: the fused projection splits, Linear and 1x1 conv (measured faster); gpu/npu: finite masks for their f16 arithmetic.
     pipelines={
         "cpu": (
             "strip_aliases", "select_to_slice", "fold_constant_gathers", "fold_batchnorm", "fuse_gelu",
             "adaptive_pool_static", "unfold_fold_static", "pixel_unshuffle_rank4", "lower_rank",
             "sdpa_to_explicit", "einsum_to_matmul", "expand_to_broadcast", "split_fused_projection",
-            "fold_scale_into_linear", "sink_slices",
+            "split_fused_conv_projection", "fold_scale_into_linear", "sink_slices",
         ),
         "gpu": (
             "strip_aliases", "select_to_slice", "fold_constant_gathers", "fold_batchnorm", "fuse_gelu",
