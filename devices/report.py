@@ -253,13 +253,22 @@ def finding_lines(result: dict[str, Any]) -> list[str]:
     hosts = remote_rows(result)
     for row in result["rows"]:
         s = row.get("speedup_vs_fp32")
-        if not s or s["median"] >= 1.0:
+        if not s or not clearly_slower(s):
             continue
         where = f" on {row.get('host')}" if hosts else ""
         lines.append(f"{row['precision']} slower than fp32 here: {row['model']} on {row['device']}{where} "
                      f"{s['median']:.2f}x [{s['low']:.2f}-{s['high']:.2f}]; "
                      f"why: {'; '.join(slower_reasons(row, _host_flags(result, row.get('host', 'local'))))}")
     return lines
+
+
+#: a quantized row is called slower than fp32 when every round says so, or its median ratio is below this
+SLOWER_BELOW = 0.95
+
+
+def clearly_slower(ratio: dict[str, float]) -> bool:
+    """Slower than fp32 beyond the run's noise: a median ratio < 1 with every round < 1, or < SLOWER_BELOW."""
+    return ratio["median"] < 1.0 and (ratio["high"] < 1.0 or ratio["median"] < SLOWER_BELOW)
 
 
 def slower_reasons(row: dict[str, Any], flags: list[str] | None) -> list[str]:
@@ -272,9 +281,10 @@ def slower_reasons(row: dict[str, Any], flags: list[str] | None) -> list[str]:
                        "matmuls run on 16-bit multiply-adds")
     if precision == "int8" and computed and computed not in ("int8", "unknown"):
         reasons.append(f"the runtime ran the matmuls in {computed}")
-    if precision in ("w8", "w4"):
-        reasons.append("weight-only: weights are expanded to float at run time and the matmuls run in "
-                       f"{computed or 'float'}; the gain is size and memory traffic, not arithmetic")
+    if precision in ("w8", "w4") and computed != "int8":
+        reasons.append("weight-only: weights are expanded to float at run time and "
+                       + ("some matmuls run in float (mixed)" if computed == "mixed" else "the matmuls run in float")
+                       + "; the gain is size, not arithmetic")
     floating = _float_op_count((row.get("quantization") or {}).get("float_ops"))
     if precision == "int8" and floating:
         reasons.append(f"{floating} compute op(s) left in float, with quantize/dequantize conversions around them")

@@ -154,7 +154,7 @@ def test_a_slower_quantized_row_is_stated_with_the_reasons_that_apply() -> None:
     assert len(avx2) == 2 and avx2[0].startswith("int8 slower than fp32 here: m on onnx:cpu 0.80x [0.70-0.90]")
     assert "no integer dot-product units" in avx2[0] and "12 compute op(s) left in float" in avx2[0]
     assert "profile: 75% convert, 25% int8" in avx2[0]
-    assert avx2[1].startswith("w8 slower than fp32 here") and "weight-only" in avx2[1]
+    assert avx2[1].startswith("w8 slower than fp32 here") and "the matmuls run in float" in avx2[1]
     vnni = finding_lines(_result([slow_int8], ["avx2", "avx512_vnni"]))
     assert "no integer dot-product units" not in vnni[0]
     unexplained = finding_lines(_result([{k: v for k, v in slow_int8.items() if k not in ("quantization", "profile")}],
@@ -204,3 +204,15 @@ def test_onnxruntime_names_its_dequantized_conv_weights_when_w8_is_slower() -> N
            "quantization": {"quantized_ops": {"Conv": 45, "MatMulNBits": 12}}}
     assert any("45 Conv weight(s) behind DequantizeLinear" in r for r in slower_reasons(row, ["avx512_vnni"]))
     assert not any("DequantizeLinear" in r for r in slower_reasons(row | {"device": "openvino:cpu"}, ["avx2"]))
+
+
+@pytest.mark.parametrize("median, low, high, slower", [
+    (0.80, 0.70, 0.90, True),  # every round slower
+    (0.93, 0.60, 1.40, True),  # more than 5 % slower in the median
+    (0.97, 0.64, 1.51, False),  # within the run's noise: not stated
+    (1.20, 1.10, 1.30, False),
+])
+def test_only_a_clearly_slower_row_is_stated(median: float, low: float, high: float, slower: bool) -> None:
+    from edgevit.devices.report import clearly_slower
+
+    assert clearly_slower({"median": median, "low": low, "high": high}) is slower
