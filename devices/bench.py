@@ -651,8 +651,10 @@ def _all_packages() -> list[str]:
     """The packages whose versions a bench report records: edgevit's own, then each backend's."""
     from edgevit.export.backends import BACKENDS
 
-    return ["edgevit", "torch", "numpy",
-            *(p for backend in BACKENDS.values() for p in backend.module("devices").REPORTED_PACKAGES)]
+    packages = ["edgevit", "torch", "numpy",
+                *(p for backend in BACKENDS.values() for p in backend.module("devices").REPORTED_PACKAGES)]
+    quantizers = [p for backend in BACKENDS.values() for p in _quantizer_packages(backend.name)]
+    return list(dict.fromkeys(packages + quantizers))  # the quantizers made the int8/w8/w4 artifacts
 
 
 def _rows(measured: list[Measurement], gemm_gflops: dict[str, float]) -> list[dict[str, Any]]:
