@@ -280,9 +280,18 @@ def _quantizer_packages(target: str) -> list[str]:
     return list(getattr(get_backend(target).module("quantize"), "PACKAGES", ()))
 
 
+def calibration_method(opts: BenchOptions) -> str:
+    """The int8 calibration method: the one asked for; with seeded inputs and "auto", minmax, which every
+    backend has and which cannot fail on the near-constant tensors arbitrary inputs give (onnxruntime's
+    histogram calibrators stop with "too many bins" on MobileViT's GroupNorm statistics)."""
+    if opts.calibration is None and opts.calibration_method == "auto":
+        return "minmax"
+    return opts.calibration_method
+
+
 def quant_settings(opts: BenchOptions, calibration: Path | None) -> dict[str, Any]:
     """What a quantized export is made with, for the cache key and the rows: scheme, method, data."""
-    return {"scheme": opts.quant_scheme, "method": opts.calibration_method,
+    return {"scheme": opts.quant_scheme, "method": calibration_method(opts),
             "calibration": _data_fingerprint(calibration) if calibration is not None else None}
 
 
@@ -328,7 +337,7 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
                             input_shape=tuple(input_shape) if input_shape else None,
                             input_size=None if input_shape else input_size)
     if quantized:
-        options.quant_scheme, options.calibration_method = opts.quant_scheme, opts.calibration_method
+        options.quant_scheme, options.calibration_method = opts.quant_scheme, calibration_method(opts)
         options.calibration = str(calibration) if precision == "int8" and calibration is not None else None
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=where.parent))

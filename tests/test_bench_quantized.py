@@ -67,7 +67,8 @@ def test_the_cache_key_follows_the_quantization_settings_and_data(tmp_path: Path
     assert base == key(BenchOptions(precision="int8"))
     assert base["quantizer"]["onnxruntime"] != "unknown"
     assert base != key(BenchOptions(precision="int8", quant_scheme="full"))
-    assert base != key(BenchOptions(precision="int8", calibration_method="minmax"))
+    assert base != key(BenchOptions(precision="int8", calibration_method="entropy"))
+    assert base == key(BenchOptions(precision="int8", calibration_method="minmax"))  # seeded: auto is minmax
     (data / "b.png").write_bytes(b"y")  # one more calibration image: another artifact
     assert base != key(BenchOptions(precision="int8"))
     assert "quantization" not in cache_key("deit_tiny", 224, onnx, "fp32", "auto")
@@ -216,3 +217,11 @@ def test_only_a_clearly_slower_row_is_stated(median: float, low: float, high: fl
     from edgevit.devices.report import clearly_slower
 
     assert clearly_slower({"median": median, "low": low, "high": high}) is slower
+
+
+def test_seeded_calibration_uses_minmax_unless_a_method_is_asked_for(tmp_path: Path) -> None:
+    from edgevit.devices.bench import calibration_method
+
+    assert calibration_method(BenchOptions(precision="int8")) == "minmax"
+    assert calibration_method(BenchOptions(precision="int8", calibration_method="entropy")) == "entropy"
+    assert calibration_method(BenchOptions(precision="int8", calibration=tmp_path)) == "auto"  # the backend's
