@@ -1,4 +1,4 @@
-"""Issue 4's accelerator goals on the two default zoo models, measured with the vendors' checkers.
+"""The accelerator goals on the two default zoo models, measured with the vendors' checkers.
 
 With ``--passes auto`` an export for the NNAPI or Core ML execution provider is one partition with every
 node supported by onnxruntime's usability checker, and a TFLite export for the GPU delegate has no

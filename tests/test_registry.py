@@ -1,4 +1,4 @@
-"""Registry behaviour and the parameter/MAC targets of ../shared/reference/architectures.md."""
+"""Registry behaviour and each zoo model's parameter/MAC targets (the published configurations)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A model written in other people's style converts on all four targets through the Python API.
 
-Issue 4's acceptance: einops-style rearranges (rank-6 view/permute chains), ``nn.MultiheadAttention``,
+What a user's own model code must get through: einops-style rearranges (rank-6 view/permute chains), ``nn.MultiheadAttention``,
 timm-style fused-QKV rank-5 reshapes and explicit ``expand_as`` broadcasting -- patterns the zoo avoids
 by construction -- all go through ``--passes auto`` and pass parity (Core ML: the MIL reference executor).
 """
