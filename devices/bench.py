@@ -164,16 +164,9 @@ def _check_precisions(opts: BenchOptions) -> None:
         raise EdgevitError("--calibration, --quant-scheme and --calibration-method apply to the quantized "
                            f"precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {opts.precision}")
     if opts.calibration is not None:
-        _check_calibration(opts.calibration)
+        from edgevit.export.quantization.data import check_calibration_source
 
-
-def _check_calibration(path: Path) -> None:
-    from edgevit.export.quantization.data import is_npz, load_npz_inputs, scan_folder
-
-    if is_npz(path):
-        load_npz_inputs(path)
-    else:
-        scan_folder(path, "--calibration", labelled=False)
+        check_calibration_source(opts.calibration)
 
 
 def _check_quant_method(target: str, opts: BenchOptions) -> None:

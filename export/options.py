@@ -134,7 +134,7 @@ class ExportOptions:
     def _check_quantization(self) -> None:
         """The quantization flags' errors that need no model: what the flags mean, folders that exist."""
         from edgevit.export.quantization import QuantSpec, check_request, is_quantized
-        from edgevit.export.quantization.data import is_npz, load_npz_inputs, scan_folder
+        from edgevit.export.quantization.data import check_calibration_source, scan_folder
 
         precision = self.precision or "fp32"
         if not is_quantized(precision):
@@ -146,11 +146,11 @@ class ExportOptions:
                       self.calibration is not None, self.max_drop)
         if self.compare_without_passes:
             raise EdgevitError("--compare-without-passes applies to fp32/fp16 exports")
-        for flag, folder, labelled in (("--calibration", self.calibration, False), ("--eval", self.evaluation, True)):
-            if folder is not None and not (flag == "--calibration" and is_npz(folder)):
-                scan_folder(folder, flag, labelled)  # missing, empty, no class folders: fail before any child
-        if is_npz(self.calibration):
-            load_npz_inputs(self.calibration)  # missing or malformed: fail before any child
+        # missing, empty, malformed, no class folders: fail before any child
+        if self.calibration is not None:
+            check_calibration_source(self.calibration)
+        if self.evaluation is not None:
+            scan_folder(self.evaluation, "--eval", labelled=True)
         self.calibration = str(Path(self.calibration).resolve()) if self.calibration else None
         self.evaluation = str(Path(self.evaluation).resolve()) if self.evaluation else None
 

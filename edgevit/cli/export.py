@@ -213,11 +213,11 @@ def report(manifests: list[dict], as_json: bool) -> None:
             out_console.print(f"{m['target']} {m['precision']}: {check['check']}: {check['status']} at the "
                               f"{check['tolerance']} bound{gate} (err/peak {_fmt(check['max_err_over_peak'], '.1e')}, "
                               f"cosine {_fmt(check['cosine'], '.7f')})", highlight=False)
-        issues = ((m.get("parity") or {}).get("fp16_range") or {}).get("issues")
-        if issues:  # only targets whose verification reports the fp16 range have issues here
-            out_console.print(f"{m['target']}: {len(issues)} op(s) misbehave in fp16 (see 'edgevit inspect "
+        misbehaving = ((m.get("parity") or {}).get("fp16_range") or {}).get("issues")
+        if misbehaving:  # only targets whose verification reports the fp16 range list ops here
+            out_console.print(f"{m['target']}: {len(misbehaving)} op(s) misbehave in fp16 (see 'edgevit inspect "
                               f"{m['model'].get('reference', m['model']['name'])} -t {m['target']}'): "
-                              + "; ".join(i["op"] for i in issues[:5]), highlight=False)
+                              + "; ".join(i["op"] for i in misbehaving[:5]), highlight=False)
     for m in manifests:
         q = m.get("quantization")
         if q:

@@ -259,6 +259,14 @@ def load_npz_inputs(path: str | Path) -> list[np.ndarray]:
     return arrays
 
 
+def check_calibration_source(source: str | Path) -> None:
+    """A ``--calibration`` path, checked before any work: a readable .npz of inputs, or a folder with images."""
+    if is_npz(source):
+        load_npz_inputs(source)
+    else:
+        scan_folder(source, "--calibration", labelled=False)
+
+
 def write_seeded_calibration(example_inputs: Sequence[Any], samples: list[Sequence[Any]], path: Path) -> Path:
     """``samples`` (each one model call's tensors, shaped like ``example_inputs``) as a calibration .npz."""
     arrays = [np.stack([_as_sample(list(s), example_inputs, "seeded calibration")[j] for s in samples])
