@@ -20,7 +20,8 @@ from edgevit.devices.worker import INTEGER_UNIT_FLAGS, integer_units, integer_un
 CSV_FIELDS = ["host", "model", "device", "precision", "status", "median_ms", "p90_ms", "p99_ms", "min_ms", "mean_ms",
               "std_ms", "runs", "throughput_per_s", "speedup_vs_eager", "speedup_low", "speedup_high",
               "speedup_vs_fp32", "speedup_vs_fp32_low", "speedup_vs_fp32_high", "artifact_mb", "float_ops",
-              "params", "macs", "gmacs_per_s", "roofline_bound_ms", "median_over_bound", "bound_precision", "load_ms", "first_ms",
+              "params", "macs", "gmacs_per_s", "roofline_bound_ms", "median_over_bound", "bound_precision",
+              "gemm_kernels_over_bound", "load_ms", "first_ms",
               "peak_rss_mb", "threads", "runtime_precision", "median_interval_low_ms",
               "median_interval_high_ms", "noisy", "baseline", "detail"]
 
@@ -59,7 +60,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "float_ops": _float_op_count(quant.get("float_ops")),
         "params": row.get("params"), "macs": row.get("macs"), "gmacs_per_s": row.get("gmacs_per_s"),
         "roofline_bound_ms": roof.get("bound_ms"), "median_over_bound": roof.get("median_over_bound"),
-        "bound_precision": roof.get("precision"),
+        "bound_precision": roof.get("precision"), "gemm_kernels_over_bound": roof.get("gemm_kernels_over_bound"),
         "load_ms": row.get("load_ms"), "first_ms": row.get("first_ms"), "peak_rss_mb": row.get("peak_rss_mb"),
         "threads": info.get("threads"), "runtime_precision": info.get("precision"),
         "median_interval_low_ms": rep.get("interval_low_ms"), "median_interval_high_ms": rep.get("interval_high_ms"),
@@ -308,6 +309,13 @@ def _backend_reasons(row: dict[str, Any]) -> list[str]:
     return list(explain(row)) if explain else []
 
 
+def gemm_kernels_line(roof: dict[str, Any]) -> str:
+    """What the model's own matmul/conv kernels cost against the GEMM bound (``bench._roofline``)."""
+    return (f"Matmul/conv kernels: {roof['gemm_kernels_ms']:.2f} ms of the median, {roof['gemm_kernels_over_bound']:.2f}x "
+            f"the {roof['precision']} bound ({roof['bound_ms']:.2f} ms): no rewrite of the other ops brings "
+            f"median / bound below that on this runtime.")
+
+
 def profile_shares(profile: list[dict[str, Any]]) -> dict[str, float]:
     """Share of the profiled time per op kind (int8 compute, float compute, Q/DQ conversion) when the
     runtime's profile classifies its ops (onnxruntime, OpenVINO); {} otherwise (eager, LiteRT)."""
@@ -353,6 +361,8 @@ def write_markdown(result: dict[str, Any], path: Path, plot: Path | None) -> Pat
             kinds = profile_shares(r["profile"])
             split = ("; by kind: " + ", ".join(f"{k} {v:.0%}" for k, v in kinds.items())) if kinds else ""
             lines += [f"**{r['model']} on {r['device']} {r.get('precision', '')}{on}**{split}", "",
+                      *([gemm_kernels_line(r["roofline"]), ""] if (r.get("roofline") or {}).get("gemm_kernels_ms")
+                        else []),
                       "| op | kind | ms / inference | share |", "|---|---|---|---|"]
             lines += [f"| {p['op']} | {p.get('kind', '-')} | {p['ms_per_run']:.3f} | {p['share']:.0%} |"
                       for p in r["profile"][:10]] + [""]

@@ -104,19 +104,22 @@ class Session:
 
 
 def top_ops(totals: dict[str, float], counts: dict[str, int], runs: int, limit: int = 15,
-            kinds: dict[str, str] | None = None) -> list[dict[str, Any]]:
+            kinds: dict[str, str] | None = None, gemms: set[str] | None = None) -> list[dict[str, Any]]:
     """Aggregate per op type: ms per inference, share of the profiled time and ``kind`` ("int8" integer
     kernels, "convert" quantize/dequantize/cast/reorder, "float": ``kinds[op]``, default float), largest
     first. The ops past ``limit`` are folded into one "(other <kind> ops)" row per kind at the end, so
-    the per-kind sums (:func:`profile_kinds`) cover the whole profile."""
+    the per-kind sums (:func:`profile_kinds`) cover the whole profile. ``gemm`` marks the ops in ``gemms``
+    (matrix-multiplying kernels: the bench compares their time with the GEMM bound); they fold apart."""
     whole, per = sum(totals.values()) or 1.0, max(runs, 1)
     rows = sorted(({"op": op, "ms_per_run": ms / per, "share": ms / whole, "calls_per_run": counts[op] / per,
-                    "kind": (kinds or {}).get(op, "float")} for op, ms in totals.items()),
+                    "kind": (kinds or {}).get(op, "float"), "gemm": op in (gemms or ())} for op, ms in totals.items()),
                   key=lambda r: -r["ms_per_run"])
-    folded: dict[str, dict[str, Any]] = {}
+    folded: dict[tuple[str, bool], dict[str, Any]] = {}
     for row in rows[limit:]:
-        into = folded.setdefault(row["kind"], {"op": f"(other {row['kind']} ops)", "ms_per_run": 0.0, "share": 0.0,
-                                               "calls_per_run": 0.0, "kind": row["kind"]})
+        label = f"(other {row['kind']} {'matmul/conv ' if row['gemm'] else ''}ops)"
+        into = folded.setdefault((row["kind"], row["gemm"]), {"op": label, "ms_per_run": 0.0, "share": 0.0,
+                                                              "calls_per_run": 0.0, "kind": row["kind"],
+                                                              "gemm": row["gemm"]})
         for key in ("ms_per_run", "share", "calls_per_run"):
             into[key] += row[key]
     return rows[:limit] + sorted(folded.values(), key=lambda r: -r["ms_per_run"])

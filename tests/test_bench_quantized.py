@@ -205,6 +205,9 @@ def test_onnxruntime_names_its_dequantized_conv_weights_when_w8_is_slower() -> N
            "quantization": {"quantized_ops": {"Conv": 45, "MatMulNBits": 12}}}
     assert any("45 Conv weight(s) behind DequantizeLinear" in r for r in slower_reasons(row, ["avx512_vnni"]))
     assert not any("DequantizeLinear" in r for r in slower_reasons(row | {"device": "openvino:cpu"}, ["avx2"]))
+    folded = row | {"runtime_info": {"compute_precision": "mixed",
+                                     "session_config": {"session.disable_quant_qdq": "1"}}}
+    assert not any("DequantizeLinear" in r for r in slower_reasons(folded, ["avx512_vnni"]))
 
 
 @pytest.mark.parametrize("median, low, high, slower", [

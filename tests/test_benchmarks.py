@@ -117,3 +117,20 @@ def test_quant_tradeoff_judges_the_goals_on_the_fastest_runtimes_and_links_accur
     assert linked[("openvino:cpu", "int8")]["size_ratio"] == pytest.approx(0.25)
     table = tradeoff.markdown(list(linked.values()), tradeoff.goals(vnni, ["deit_tiny"]))
     assert "| deit_tiny | openvino:cpu | int8 | +0.20 [+0.00, +0.60] |" in table and "| NO |" in table
+
+
+def test_quant_tradeoff_kernel_floor_from_a_separate_profiled_run() -> None:
+    """The bound goal carries the kernel floor: the profiled run's matmul/conv share times the timed median,
+    over the timed row's bound."""
+    tradeoff = _load("quant_tradeoff")
+    timed = [_quant_row("deit_tiny", "openvino:cpu", "fp32", 16.0),
+             _quant_row("deit_tiny", "openvino:cpu", "int8", 9.0,
+                        roofline={"precision": "int8", "median_over_bound": 2.5, "bound_ms": 3.6})]
+    profile = [{"op": "FullyConnected (brgemm_avx512_I8)", "ms_per_run": 6.0, "gemm": True},
+               {"op": "MVN (jit_avx512_f32)", "ms_per_run": 2.0, "gemm": False}]
+    profiled = {"rows": [_quant_row("deit_tiny", "openvino:cpu", "int8", 12.0, profile=profile)]}
+    vnni = {"rows": timed, "hosts": [{"machine": {"cpu_flags": ["avx512_vnni"]}}]}
+    bound = tradeoff.goals(vnni, ["deit_tiny"], profiled)[1]
+    assert bound["kernel_floor"] == pytest.approx(0.75 * 9.0 / 3.6)  # share 6/8 of the timed median
+    assert "kernels alone: 1.88x (kernels: above the limit)" in tradeoff.markdown([], [bound])
+    assert tradeoff.goals(vnni, ["deit_tiny"])[1]["kernel_floor"] is None  # no profiled run, no floor

@@ -5,6 +5,7 @@ Small and fast: GEMMs of n=256 or less on one thread, models of two 32-wide MatM
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -131,6 +132,37 @@ def test_top_ops_folds_the_tail_per_kind():
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
     assert worker.profile_kinds(rows) == {"int8": 4.0, "float": 2.5, "convert": 1.25}
     assert worker.profile_kinds([{"op": "x", "ms_per_run": 1.0}]) == {"float": 1.0}  # rows from before kinds
+
+
+def test_top_ops_marks_and_folds_matmul_kernels_apart():
+    totals = {"QLinearMatMul": 8.0, "Tanh": 4.0, "QLinearConv": 2.0, "Add": 1.0}
+    rows = worker.top_ops(totals, dict.fromkeys(totals, 1), runs=1, limit=1,
+                          kinds={"QLinearMatMul": "int8", "QLinearConv": "int8"}, gemms={"QLinearMatMul", "QLinearConv"})
+    assert [(r["op"], r["gemm"], r["ms_per_run"]) for r in rows] == [
+        ("QLinearMatMul", True, 8.0), ("(other float ops)", False, 5.0), ("(other int8 matmul/conv ops)", True, 2.0)]
+
+
+def test_every_copy_of_top_ops_is_the_same():
+    """The session modules are self-contained (bundled into the worker), so each carries top_ops: one text."""
+    import inspect
+
+    from edgevit.export.backends.onnx import session as onnx_session
+
+    copies = [inspect.getsource(worker.top_ops), inspect.getsource(onnx_session.top_ops)]
+    if importlib.util.find_spec("openvino"):
+        from edgevit.export.backends.openvino import session as openvino_session
+
+        copies.append(inspect.getsource(openvino_session.top_ops))
+    assert len(set(copies)) == 1
+
+
+def test_gemm_kernels_against_the_bound():
+    from edgevit.devices.bench import gemm_kernels_ms
+
+    profile = [{"op": "Conv", "ms_per_run": 3.0, "gemm": True}, {"op": "Add", "ms_per_run": 1.0, "gemm": False}]
+    assert gemm_kernels_ms(profile, median_ms=8.0) == pytest.approx(6.0)  # 3/4 of the profiled time
+    assert gemm_kernels_ms([{"op": "Conv", "ms_per_run": 3.0}], 8.0) is None  # a profile without the mark
+    assert gemm_kernels_ms([], 8.0) is None
 
 
 def test_openvino_kinds():

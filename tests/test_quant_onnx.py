@@ -205,3 +205,48 @@ def test_weight_only_on_a_conv_only_graph(tmp_path):
     with pytest.raises(EdgevitError, match="quantized nothing") as error:
         quantize(fp32, tmp_path / "w4.onnx", QuantSpec("w4"), [])
     assert "\n" not in str(error.value)
+
+
+def test_w8_conv_weights_fold_to_float_constants_at_load(tmp_path):
+    """A w8 artifact's DequantizeLinear(int8 constant) stays in the graph onnxruntime runs unless QDQ handling is
+    off; the session (bench and parity) loads weight-only artifacts with it off, so the Convs get float constant
+    weights (pre-packable) and compute what the unfolded graph computes, up to summation order."""
+    from edgevit.export.backends.onnx.session import FOLD_WEIGHTS_CONFIG, OnnxRuntimeSession, session_config
+
+    def conv(weight: np.ndarray, name: str) -> Path:
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])],
+            [numpy_helper.from_array(weight, "w")])
+        onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+                        str(tmp_path / name))
+        return tmp_path / name
+
+    weight = np.random.default_rng(0).standard_normal((16, 8, 3, 3)).astype(np.float32)
+    fp32 = conv(weight, "conv.onnx")
+    info = quantize(fp32, tmp_path / "w8.onnx", QuantSpec("w8"), [])
+    assert info["session_config"] == FOLD_WEIGHTS_CONFIG
+    assert session_config("int8 (QDQ)") == {} and session_config("w4 (MatMulNBits)") == {}
+
+    def ran(config: dict[str, str]) -> Counter:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"opt{len(config)}.onnx")
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
+        ort.InferenceSession(str(tmp_path / "w8.onnx"), options, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+    assert ran({})["DequantizeLinear"] == 1 and ran(FOLD_WEIGHTS_CONFIG)["DequantizeLinear"] == 0
+    session = OnnxRuntimeSession.for_parity(str(tmp_path / "w8.onnx"), threads=1)
+    assert session.info["session_config"] == FOLD_WEIGHTS_CONFIG
+    x = np.random.default_rng(1).standard_normal((1, 8, 8, 8)).astype(np.float32)
+    folded = session.run([x])[0]
+    unfolded = ort.InferenceSession(str(tmp_path / "w8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # the same products summed in another order: each output sums 72 terms, so |diff| <= 2 * 72 eps sum|x w|
+    # (a dequantized weight is within half a step, max|w| / 254 per output channel, of the float one)
+    bounding = np.abs(weight) + np.abs(weight).max(axis=(1, 2, 3), keepdims=True) / 254
+    magnitude = ort.InferenceSession(str(conv(bounding, "abs.onnx")),
+                                     providers=["CPUExecutionProvider"]).run(None, {"x": np.abs(x)})[0]
+    bound = 2 * 72 * np.finfo(np.float32).eps * magnitude
+    assert np.all(np.abs(folded - unfolded) <= bound)

@@ -46,8 +46,9 @@ INFO_KEYS = (
     "float_ops",  # {op type: count} of compute ops that stayed float (the manifest says which)
     "notes",  # [str]: anything a user should know (e.g. "Core ML int8 activations calibrated with ...")
 )
-#: what a quantizer may add to INFO_KEYS: the quantized-graph passes that ran (export/quantization/passes.py)
-OPTIONAL_INFO_KEYS = ("passes",)
+#: what a quantizer may add to INFO_KEYS: the quantized-graph passes that ran (export/quantization/passes.py),
+#: and the runtime settings the artifact must be loaded with to run as measured ("session_config")
+OPTIONAL_INFO_KEYS = ("passes", "session_config")
 
 
 @dataclass(frozen=True)

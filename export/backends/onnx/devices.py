@@ -54,7 +54,8 @@ def slower_reasons(row: dict[str, Any]) -> list[str]:
     """Why a quantized onnxruntime row may be slower than its fp32 row, from the artifact's record."""
     quantized = (row.get("quantization") or {}).get("quantized_ops") or {}
     reasons = []
-    if row.get("precision") == "w8" and quantized.get("Conv"):
+    folded = "session.disable_quant_qdq" in ((row.get("runtime_info") or {}).get("session_config") or {})
+    if row.get("precision") == "w8" and quantized.get("Conv") and not folded:
         reasons.append(f"{quantized['Conv']} Conv weight(s) behind DequantizeLinear: not constants to the CPU "
                        "provider, which then cannot pre-pack them (no NCHWc kernels)")
     return reasons

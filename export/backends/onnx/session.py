@@ -9,6 +9,9 @@ pushed to remote machines. What the worker reads here, by name:
 - ``PACKAGES``: ``(module, package, import it)`` probed on every machine (``facts["packages"]``);
 - ``probe_facts()``: this runtime's facts (its execution providers); ``describe(facts)``: the machine line;
 - ``INT8_GEMM``: the key of the int8 roofline probe in ``SESSIONS`` (onnxruntime's own integer matmul).
+
+A weight-only artifact (int8 weights behind DequantizeLinear, no activation quantizers) is loaded with
+:data:`FOLD_WEIGHTS_CONFIG` (see :func:`session_config`): both the bench and parity run it the way a user should.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ RUNTIME = "onnxruntime"
 PACKAGES = (("onnxruntime", "onnxruntime", True),)
 PARITY_PROVIDER = "CPUExecutionProvider"
 INT8_GEMM = "gemm-int8:onnxruntime"
+# onnxruntime's constant folding leaves DequantizeLinear alone while its QDQ handling is on, so a Conv whose
+# weight is DequantizeLinear(int8 constant) gets no pre-packed (NCHWc) kernel: measured 0.83x fp32 on
+# MobileViT-v2. With QDQ handling off the DequantizeLinear of a constant folds to a float constant at load
+# (same outputs to 4e-7) and the Conv is packed like fp32's. Only for graphs without activation quantizers:
+# those need the QDQ fusions to run integer kernels.
+FOLD_WEIGHTS_CONFIG = {"session.disable_quant_qdq": "1"}
 
 
 def probe_facts() -> dict[str, Any]:
@@ -50,19 +59,22 @@ def package_version(package: str) -> str:
 
 
 def top_ops(totals: dict[str, float], counts: dict[str, int], runs: int, limit: int = 15,
-            kinds: dict[str, str] | None = None) -> list[dict[str, Any]]:
+            kinds: dict[str, str] | None = None, gemms: set[str] | None = None) -> list[dict[str, Any]]:
     """Aggregate per op type: ms per inference, share of the profiled time and ``kind`` ("int8" integer
     kernels, "convert" quantize/dequantize/cast/reorder, "float": ``kinds[op]``, default float), largest
     first. The ops past ``limit`` are folded into one "(other <kind> ops)" row per kind at the end, so
-    the per-kind sums (:func:`profile_kinds`) cover the whole profile."""
+    the per-kind sums (:func:`profile_kinds`) cover the whole profile. ``gemm`` marks the ops in ``gemms``
+    (matrix-multiplying kernels: the bench compares their time with the GEMM bound); they fold apart."""
     whole, per = sum(totals.values()) or 1.0, max(runs, 1)
     rows = sorted(({"op": op, "ms_per_run": ms / per, "share": ms / whole, "calls_per_run": counts[op] / per,
-                    "kind": (kinds or {}).get(op, "float")} for op, ms in totals.items()),
+                    "kind": (kinds or {}).get(op, "float"), "gemm": op in (gemms or ())} for op, ms in totals.items()),
                   key=lambda r: -r["ms_per_run"])
-    folded: dict[str, dict[str, Any]] = {}
+    folded: dict[tuple[str, bool], dict[str, Any]] = {}
     for row in rows[limit:]:
-        into = folded.setdefault(row["kind"], {"op": f"(other {row['kind']} ops)", "ms_per_run": 0.0, "share": 0.0,
-                                               "calls_per_run": 0.0, "kind": row["kind"]})
+        label = f"(other {row['kind']} {'matmul/conv ' if row['gemm'] else ''}ops)"
+        into = folded.setdefault((row["kind"], row["gemm"]), {"op": label, "ms_per_run": 0.0, "share": 0.0,
+                                                              "calls_per_run": 0.0, "kind": row["kind"],
+                                                              "gemm": row["gemm"]})
         for key in ("ms_per_run", "share", "calls_per_run"):
             into[key] += row[key]
     return rows[:limit] + sorted(folded.values(), key=lambda r: -r["ms_per_run"])
@@ -92,16 +104,21 @@ class OnnxRuntimeSession:
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(os.path.dirname(os.path.abspath(config["artifact"])), "ort_profile")
         providers = self.options.get("providers", [PARITY_PROVIDER])
+        # nbits_int8: MatMulNBits quantizing its activations (accuracy_level 4), an integer kernel
+        precision, self.nbits_int8 = _onnx_precision(config["artifact"])
+        self.session_config = session_config(precision)
+        for key, value in self.session_config.items():
+            opts.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(config["artifact"], opts, providers=providers)
         self.names = [i.name for i in self.session.get_inputs()]
         self.runs = 0
-        self.nbits_int8 = False  # MatMulNBits quantizing its activations (accuracy_level 4): an integer kernel
         self.info: dict[str, Any] = {"threads": self.threads, "runtime": RUNTIME,
                                      "version": package_version("onnxruntime")}
+        if self.session_config:
+            self.info["session_config"] = dict(self.session_config)
         if parity:
             self.info["provider"] = self.session.get_providers()[0]
         else:
-            precision, self.nbits_int8 = _onnx_precision(config["artifact"])
             self.info |= {"providers": self.session.get_providers(), "precision": precision}
 
     @classmethod
@@ -120,7 +137,7 @@ class OnnxRuntimeSession:
         if self.info["precision"] == "fp32":
             return "fp32"
         counts = _ort_matmul_precisions(self.config["artifact"], self.session.get_providers(), self.threads,
-                                        dict(zip(self.names, inputs)), self.nbits_int8)
+                                        dict(zip(self.names, inputs)), self.nbits_int8, self.session_config)
         self.info["matmul_precisions"] = counts
         return one_precision(counts)
 
@@ -137,7 +154,8 @@ class OnnxRuntimeSession:
             op = e.get("args", {}).get("op_name", "?")
             totals[op] = totals.get(op, 0.0) + e.get("dur", 0) / 1e3
             counts[op] = counts.get(op, 0) + 1
-        return top_ops(totals, counts, self.runs, kinds={op: op_kind(op, self.nbits_int8) for op in totals})
+        return top_ops(totals, counts, self.runs, kinds={op: op_kind(op, self.nbits_int8) for op in totals},
+                       gemms={op for op in totals if op in GEMM_KERNELS})
 
 
 # --- the int8 roofline probe -------------------------------------------------------------------------
@@ -289,6 +307,9 @@ INT8_MATMUL_KERNELS = frozenset({"QLinearMatMul", "QLinearConv", "QGemm", "MatMu
                                  "ConvInteger", "DynamicQuantizeMatMul", "QAttention"})
 #: kernels that only convert between precisions
 CONVERT_KERNELS = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast"})
+#: kernels that only multiply matrices (convolutions included; fused attention, which also runs a softmax, not)
+GEMM_KERNELS = frozenset(set(_MATMUL_OPS) | INT8_MATMUL_KERNELS | {"MatMulNBits"}) - {
+    "Attention", "MultiHeadAttention", "QAttention"}
 
 
 def op_kind(op: str, nbits_int8: bool = False) -> str:
@@ -307,7 +328,7 @@ def one_precision(counts: dict[str, int]) -> str:
 
 
 def _ort_matmul_precisions(path: str, providers: list[str], threads: int, feeds: dict[str, np.ndarray],
-                           nbits_int8: bool = False) -> dict[str, int]:
+                           nbits_int8: bool = False, config: dict[str, str] | None = None) -> dict[str, int]:
     """How many matrix-multiplying kernels ran in each precision, from one profiled inference in a throwaway
     session: integer kernels (QDQ node units fused into QLinearMatMul, QGemm, MatMulIntegerToFloat, ...) are
     int8; MatMulNBits dequantizes its weights inside the kernel and multiplies in its activations' float type
@@ -320,6 +341,8 @@ def _ort_matmul_precisions(path: str, providers: list[str], threads: int, feeds:
         opts.intra_op_num_threads = threads
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "precision")
+        for key, value in (config or {}).items():
+            opts.add_session_config_entry(key, value)
         session = ort.InferenceSession(path, opts, providers=providers)
         session.run(None, feeds)
         events = _ort_kernel_events(session.end_profiling())
@@ -343,6 +366,13 @@ def _ort_matmul_precision(path: str, providers: list[str], threads: int, feeds: 
                           nbits_int8: bool = False) -> str:
     """The one precision the matrix multiplies ran in (:func:`_ort_matmul_precisions`), "mixed" or "unknown"."""
     return one_precision(_ort_matmul_precisions(path, providers, threads, feeds, nbits_int8))
+
+
+def session_config(precision: str) -> dict[str, str]:
+    """Session config entries an artifact of stored ``precision`` (:func:`stored_precision`) is loaded with:
+    :data:`FOLD_WEIGHTS_CONFIG` for weight-only artifacts with DequantizeLinear weights, else none."""
+    weight_only = precision.startswith("w") and "DequantizeLinear" in precision
+    return dict(FOLD_WEIGHTS_CONFIG) if weight_only else {}
 
 
 # --- what the artifact stores --------------------------------------------------------------------------
