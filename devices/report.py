@@ -10,12 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from edgevit.devices.worker import INTEGER_UNIT_FLAGS, integer_units, integer_units_text, profile_kinds
+from edgevit.export.manifest import write_atomic
 
 CSV_FIELDS = ["host", "model", "device", "precision", "status", "median_ms", "p90_ms", "p99_ms", "min_ms", "mean_ms",
               "std_ms", "runs", "throughput_per_s", "speedup_vs_eager", "speedup_low", "speedup_high",
@@ -27,15 +26,7 @@ CSV_FIELDS = ["host", "model", "device", "precision", "status", "median_ms", "p9
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
 
 
 def flat_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,8 @@ lists and limits) for what that tool does not check:
 * OpenVINO: ``Core.query_model`` on the devices present, static-shape rules for the NPU.
 
 Every verdict names an op type (``unsupported``) or a problem whose text starts with a key such as
-``rank>4:``; :func:`fixes_for` maps both to the passes whose ``fixes`` list them.
+``rank>4:``; :func:`fixes_for` maps both to the passes whose ``fixes`` list them. ``supported_ops`` counts
+by type the nodes the accelerator takes, under the type names of :func:`op_counts`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Coverage:
     supported: int
     partitions: int
     unsupported: dict[str, int] = field(default_factory=dict)  # op -> count of unsupported nodes
+    # op -> count of the nodes the accelerator takes; a node refused by a rule (``problems``) is in neither
+    supported_ops: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # rule violations that are not an op type
     fixes: dict[str, list[str]] = field(default_factory=dict)  # op or problem -> passes that remove it
     macs_total: int | None = None  # multiply-accumulates of MatMul/Gemm/Conv nodes, where shapes are known
@@ -72,6 +75,11 @@ class Coverage:
 
 
 # --- shared machinery ----------------------------------------------------------------------------
+
+def count_by_type(op_types: Iterable[str]) -> dict[str, int]:
+    """Op type -> number of occurrences, sorted by type (the form of ``op_counts`` and ``supported_ops``)."""
+    return dict(sorted(collections.Counter(op_types).items()))
+
 
 def count_partitions(producers: Sequence[Iterable[int]], supported: Sequence[bool]) -> int:
     """How many partitions an EP would make of the supported nodes (nodes indexed topologically).
@@ -150,6 +158,7 @@ class _Verdicts:
             supported=sum(supported),
             partitions=count_partitions(self.producers, supported) if partitions is None else partitions,
             unsupported=dict(sorted(unsupported.items())),
+            supported_ops=count_by_type(op for op, ok in zip(self.ops, supported) if ok),
             problems=[*extra_problems, *problems],
             macs_total=total,
             macs_supported=on,
@@ -229,6 +238,21 @@ def coverage(artifact_path: str | pathlib.Path, target: str, accelerator: str | 
     target's default accelerator), by the target's backend (``export/backends/<name>/coverage.py``).
     Raises :class:`EdgevitError` for unknown targets/accelerators, missing backend packages, or
     unreadable artifacts."""
+    return _run_backend("coverage", artifact_path, target, accelerator)
+
+
+def op_counts(artifact_path: str | pathlib.Path, target: str, accelerator: str | None = None) -> dict[str, int]:
+    """Op type -> count of ``artifact_path`` (an artifact of ``target``), sorted by type, over exactly the
+    nodes that :func:`coverage` on ``accelerator`` (default: the target's default accelerator) counts in
+    ``Coverage.nodes``, with the type names its ``unsupported`` and ``supported_ops`` use (the ops on the
+    accelerator by type are ``supported_ops``, not these counts less ``unsupported``: a node refused by a
+    rule is only in ``problems``). Same errors as :func:`coverage`."""
+    return _run_backend("op_counts", artifact_path, target, accelerator)
+
+
+def _run_backend(function: str, artifact_path: str | pathlib.Path, target: str, accelerator: str | None) -> Any:
+    """Validate the target and accelerator, then call the backend's ``coverage.py`` ``function(path, acc)``;
+    any failure on the artifact becomes a one-line :class:`EdgevitError`."""
     from edgevit.export.backends import get_backend
     from edgevit.export.targets import get_target
 
@@ -236,12 +260,13 @@ def coverage(artifact_path: str | pathlib.Path, target: str, accelerator: str | 
     acc = tgt.accelerator(accelerator).name
     tgt.check_installed()
     path = pathlib.Path(artifact_path)
+    what = "coverage" if function == "coverage" else "op counts"
     try:
-        return get_backend(tgt.name).coverage(path, acc)
+        return getattr(get_backend(tgt.name).module("coverage"), function)(path, acc)
     except EdgevitError:
         raise
     except Exception as exc:  # a checker failing on a bad artifact is a one-line user error
-        raise EdgevitError(f"{tgt.name}:{acc} coverage of {path} failed: "
+        raise EdgevitError(f"{tgt.name}:{acc} {what} of {path} failed: "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
 
 

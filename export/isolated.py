@@ -61,6 +61,8 @@ def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float =
         PARENT_ENV: str(os.getpid()), DEADLINE_ENV: f"{time.time() + timeout_s:.3f}"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             stdin=subprocess.DEVNULL)
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -69,6 +71,9 @@ def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float =
     except BaseException:  # KeyboardInterrupt, SystemExit (SIGTERM): the child goes with us
         stop_child(proc)
         raise
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
     proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if echo_stderr:
         sys.stderr.write(stderr)
@@ -83,6 +88,22 @@ def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float =
         elif proc.returncode == 128 + signal.SIGTERM and reason in ("error: terminated", "terminated"):
             reason = "converter process terminated (SIGTERM)"
         return error_row(model, target, reason.removeprefix("error: "))
+
+
+# Children started by run_export_child and not yet reaped, from any thread: when several export in threads
+# (edgevit check --jobs), an interrupt reaches only the main thread, which stops them all through this.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def terminate_running_children() -> int:
+    """SIGTERM every export child still running (each cleans its staging folder; the thread waiting on it then
+    returns its error row); how many were signalled."""
+    with _RUNNING_LOCK:
+        running = [p for p in _RUNNING if p.poll() is None]
+    for proc in running:
+        proc.terminate()
+    return len(running)
 
 
 def error_row(model: str, target: str, reason: str) -> dict[str, Any]:

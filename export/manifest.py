@@ -96,6 +96,21 @@ def _finite_item(value: Any, where: str, reasons: dict[str, str], default: Any) 
     return _finite_item(default(value), where, reasons, default)
 
 
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """``data`` at ``path`` through a temporary file in the same folder and ``os.replace``: a reader (or an
+    interrupted writer) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

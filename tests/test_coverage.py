@@ -3,6 +3,7 @@ rule and on ones that do not, plus the partition counting and the op -> pass map
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -392,11 +393,14 @@ def test_openvino_npu_needs_static_shapes(openvino_models: dict[str, Path]) -> N
 
 
 def test_coverage_fields_serialise() -> None:
-    cov = Coverage("x:y", "c", nodes=4, supported=3, partitions=2, unsupported={"A": 1},
+    cov = Coverage("x:y", "c", nodes=4, supported=3, partitions=2, unsupported={"A": 1}, supported_ops={"B": 3},
                    macs_total=10, macs_supported=5)
     d = cov.to_dict()
     assert d["percent"] == 75.0 and d["macs_percent"] == 50.0 and d["whole"] is False
+    assert json.loads(json.dumps(d))["supported_ops"] == {"B": 3}
+    assert Coverage("x:y", "c", 1, 1, 1).supported_ops == {}
     assert Coverage("x:y", "c", 1, 1, 1, macs_total=0, macs_supported=0).macs_percent is None
     lines = render(cov).splitlines()
     assert lines[1].strip().startswith("partitions 2; nodes 3/4 (75.0%); MACs 50.0%")
     assert lines[2].strip() == f"unsupported A x1 -> {', '.join(fixes_for('A')) or 'no pass yet'}"
+    assert len(lines) == 3  # the ops on the accelerator are data for --json and the lock file, not report lines

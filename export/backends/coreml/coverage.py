@@ -16,13 +16,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgevit.errors import EdgevitError
-from edgevit.export.coverage import Coverage, _prod, _producers, _Verdicts, fixes_for
+from edgevit.export.coverage import Coverage, _prod, _producers, _Verdicts, count_by_type, fixes_for
 
 
 def coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
     """The coverage of the ML Program at ``path`` on ``accelerator`` (the Neural Engine, ``ane``, the
     target's only accelerator)."""
     return coreml_coverage(path)
+
+
+def op_counts(artifact: pathlib.Path, accelerator: str | None = None) -> dict[str, int]:
+    """MIL op type -> count of the ML Program at ``artifact``: the ops of its main function, nested
+    blocks included and ``const`` ops left out, which the ANE checker counts in ``Coverage.nodes``
+    (``accelerator``, default ``ane``, only validated)."""
+    from edgevit.export.targets import get_target
+
+    get_target("coreml").accelerator(accelerator)
+    _, ops, _ = _read_program(artifact)
+    return count_by_type(op.type for op in ops)
 
 
 # Known non-ANE MIL ops (the community's list of layers the Neural Engine does not run: gather, RNNs,
@@ -147,18 +158,7 @@ def coreml_coverage(path: str | pathlib.Path) -> Coverage:
     stride <= 2, upsampling scale <= 2, static shapes, fp16 typing (an fp32-typed program never runs
     on the ANE). Where each op really runs is MLComputePlan's answer, which needs macOS 14.4.
     """
-    import coremltools as ct
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise EdgevitError(f"no Core ML package at {path}")
-    spec = ct.utils.load_spec(str(path))
-    if spec.WhichOneof("Type") != "mlProgram":
-        raise EdgevitError(f"{path} is a {spec.WhichOneof('Type')} model; the ANE rules read ML Programs")
-    main = spec.mlProgram.functions["main"]
-    ops: list[_MilOp] = []
-    consts: dict[str, Any] = {}
-    _mil_ops(main.block_specializations[main.opset], ops, consts)
+    main, ops, consts = _read_program(path)
     shapes = {name: dims for op in ops for name, _, dims in op.outputs}
     shapes |= {i.name: _mil_dims(i.type) for i in main.inputs}
     _const_shapes(main.block_specializations[main.opset], shapes)
@@ -180,6 +180,24 @@ def coreml_coverage(path: str | pathlib.Path) -> Coverage:
         macs=[_mil_macs(op, consts, shapes) for op in ops],
     )
     return verdicts.coverage("coreml:ane", "edgevit ANE rules over the MIL program", extra_problems=extra, notes=notes)
+
+
+def _read_program(path: str | pathlib.Path) -> tuple[Any, list[_MilOp], dict[str, Any]]:
+    """The main function of the ML Program at ``path``, its ops (nested blocks flattened, ``const``
+    ops left out) and the const values by output name."""
+    import coremltools as ct
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise EdgevitError(f"no Core ML package at {path}")
+    spec = ct.utils.load_spec(str(path))
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise EdgevitError(f"{path} is a {spec.WhichOneof('Type')} model; the ANE rules read ML Programs")
+    main = spec.mlProgram.functions["main"]
+    ops: list[_MilOp] = []
+    consts: dict[str, Any] = {}
+    _mil_ops(main.block_specializations[main.opset], ops, consts)
+    return main, ops, consts
 
 
 def _ane_layout_hints(ops: list[_MilOp], consts: dict[str, Any]) -> list[str]:

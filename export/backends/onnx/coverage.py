@@ -11,7 +11,6 @@ machinery is in :mod:`edgevit.export.coverage`.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import pathlib
@@ -19,12 +18,56 @@ import tempfile
 from typing import Any, Iterator
 
 from edgevit.errors import EdgevitError
-from edgevit.export.coverage import Coverage, _mac_shares, _prod, _producers, _Verdicts, _with_fixes
+from edgevit.export.coverage import Coverage, _mac_shares, _prod, _producers, _Verdicts, _with_fixes, count_by_type
 
 
 def coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
     """The coverage of the ONNX model at ``path`` on ``accelerator`` (cpu, nnapi, coreml, xnnpack)."""
     return onnx_cpu_coverage(path) if accelerator == "cpu" else onnx_ep_coverage(path, accelerator)
+
+
+def op_counts(artifact: pathlib.Path, accelerator: str | None = None) -> dict[str, int]:
+    """Op type -> node count of the ONNX model at ``artifact``, over exactly the nodes the checker of
+    ``accelerator`` (default: the target's first) counts in ``Coverage.nodes``: the model as loaded for
+    the CPU EP, as optimised for an ORT-format conversion for the others (see :func:`_counted_nodes`)."""
+    from edgevit.export.targets import get_target
+
+    acc = get_target("onnx").accelerator(accelerator).name
+    if acc == "cpu":
+        nodes = list(_load_onnx(artifact).graph.node)
+    else:
+        with _ort_model(artifact) as model:
+            nodes = _counted_nodes(model.graph, acc)
+    return count_by_type(n.op_type for n in nodes)
+
+
+def _counted_nodes(graph: Any, accelerator: str) -> list[Any]:
+    """The nodes an EP checker counts: the graph's own, plus, for the usability checker's plain verdict,
+    the nodes of single-graph attributes (If/Loop/Scan bodies, recursively), as its ``check_partitioning``
+    adds them to ``num_nodes``. The XNNPACK rules and NNAPI's QDQ verdicts count the main graph only."""
+    if accelerator == "xnnpack" or (accelerator == "nnapi" and _has_quantizers(graph)):
+        return list(graph.node)
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                nodes += _counted_nodes(attr.g, accelerator)
+    return nodes
+
+
+def _has_quantizers(graph: Any) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+
+
+def _load_onnx(path: str | pathlib.Path) -> Any:
+    """The model as the CPU check reads it: loaded, shapes inferred."""
+    import onnx
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise EdgevitError(f"no ONNX model at {path}")
+    return onnx.shape_inference.infer_shapes(onnx.load(str(path)))
 
 
 _ORT_EPS = {
@@ -70,8 +113,10 @@ def onnx_ep_coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
     with _ort_model(path) as model:
         info = uc.check_partitioning(model.graph, uc._SupportedOpsChecker(table), True, max_rank)  # noqa: SLF001
         checker = uc._SupportedOpsChecker(table)  # noqa: SLF001 - the same op table the checker used
-        counts = collections.Counter(n.op_type for n in model.graph.node if not checker.is_op_supported(n))
+        unsupported = count_by_type(n.op_type for n in model.graph.node if not checker.is_op_supported(n))
         on = {tuple(n.output) for group in info.supported_groups for n in group}
+        # every node the checker takes, subgraph bodies included, is in one of its groups
+        supported_ops = count_by_type(n.op_type for group in info.supported_groups for n in group)
         macs = _onnx_macs(model.graph)
         total, supported_macs = _mac_shares(macs, [tuple(n.output) in on for n in model.graph.node])
         qdq = _nnapi_qdq_reasons(model) if accelerator == "nnapi" else None
@@ -93,7 +138,8 @@ def onnx_ep_coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
         nodes=info.num_nodes,
         supported=info.num_supported_nodes,
         partitions=info.num_partitions,
-        unsupported=dict(sorted(counts.items())),
+        unsupported=unsupported,
+        supported_ops=supported_ops,
         problems=problems,
         macs_total=total,
         macs_supported=supported_macs,
@@ -111,7 +157,7 @@ def _nnapi_qdq_reasons(model: Any) -> list[list[tuple[str, str]]] | None:
     """
     from edgevit.export.backends.onnx import qdq_passes as qp
 
-    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+    if not _has_quantizers(model.graph):
         return None
     g = qp.Graph(model)
     index = {id(n): i for i, n in enumerate(model.graph.node)}
@@ -172,10 +218,9 @@ def _encoding_reasons(g: Any, node: Any, weight: bool, conv: bool = False) -> li
 
 def onnx_cpu_coverage(path: str | pathlib.Path) -> Coverage:
     """The CPU EP runs every ONNX op: the check is that an onnxruntime session loads the model."""
-    import onnx
     import onnxruntime as ort
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    model = _load_onnx(path)
     problems = []
     try:
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -185,6 +230,7 @@ def onnx_cpu_coverage(path: str | pathlib.Path) -> Coverage:
     total, on = _mac_shares(_onnx_macs(model.graph), [not problems] * n)
     return _with_fixes(Coverage("onnx:cpu", "onnxruntime session (CPUExecutionProvider)", n,
                                 0 if problems else n, 0 if problems else 1, problems=problems,
+                                supported_ops={} if problems else count_by_type(n.op_type for n in model.graph.node),
                                 macs_total=total, macs_supported=on))
 
 

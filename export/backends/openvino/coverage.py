@@ -8,11 +8,12 @@ point (``export/backends/__init__.py``); the shared verdict machinery is in :mod
 
 from __future__ import annotations
 
+import collections
 import pathlib
 from typing import Any
 
 from edgevit.errors import EdgevitError
-from edgevit.export.coverage import Coverage, _prod, _producers, _Verdicts
+from edgevit.export.coverage import Coverage, _prod, _producers, _Verdicts, count_by_type
 
 
 def coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
@@ -20,7 +21,34 @@ def coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
     return openvino_coverage(path, accelerator)
 
 
+def op_counts(artifact: pathlib.Path, accelerator: str | None = None) -> dict[str, int]:
+    """Op type -> count of the IR at ``artifact``: its ordered ops but Parameter, Result and Constant,
+    which every device's checker counts in ``Coverage.nodes`` (``accelerator``, default the target's
+    first, only validated)."""
+    from edgevit.export.targets import get_target
+
+    get_target("openvino").accelerator(accelerator)
+    _, model = _read_ir(artifact)
+    return count_by_type(op.get_type_name() for op in _counted_ops(model))
+
+
 _OV_SKIP = frozenset({"Parameter", "Result", "Constant"})
+
+
+def _read_ir(path: str | pathlib.Path) -> tuple[Any, Any]:
+    """An OpenVINO ``Core`` and the IR at ``path`` read by it."""
+    import openvino as ov
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise EdgevitError(f"no OpenVINO IR at {path}")
+    core = ov.Core()
+    return core, core.read_model(str(path))
+
+
+def _counted_ops(model: Any) -> list[Any]:
+    """The ops a device checker judges: the model's, in order, but its inputs, outputs and constants."""
+    return [op for op in model.get_ordered_ops() if op.get_type_name() not in _OV_SKIP]
 
 
 def _ov_macs(op: Any) -> int | None:
@@ -45,15 +73,9 @@ def openvino_coverage(path: str | pathlib.Path, device: str) -> Coverage:
     A device whose plugin is absent (the GPU and NPU here) gets a problem saying so: only the rules
     are checked, not OpenVINO's op support.
     """
-    import openvino as ov
-
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise EdgevitError(f"no OpenVINO IR at {path}")
-    core = ov.Core()
-    model = core.read_model(str(path))
+    core, model = _read_ir(path)
     dev = device.upper()
-    ops = [op for op in model.get_ordered_ops() if op.get_type_name() not in _OV_SKIP]
+    ops = _counted_ops(model)
     names = [op.get_friendly_name() for op in ops]
     extra: list[str] = []
     checker = f"OpenVINO Core.query_model({dev})"
@@ -106,8 +128,6 @@ def _int8_placement(model: Any) -> tuple[list[str], dict[str, int]]:
     reached through precision-preserving ops, or a weight stored in a low-precision type), else that layer
     computes in fp16. Returns the problems and the compute ops that stay float (from the quantizer's own
     reading, :class:`edgevit.export.backends.openvino.quantize.IRGraph`)."""
-    import collections
-
     from edgevit.export.backends.openvino.quantize import IRGraph
 
     graph = IRGraph(model)

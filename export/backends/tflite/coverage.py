@@ -26,12 +26,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgevit.errors import EdgevitError
-from edgevit.export.coverage import Coverage, _prod, _producers, _Verdicts
+from edgevit.export.coverage import Coverage, _prod, _producers, _Verdicts, count_by_type
 
 
 def coverage(path: str | pathlib.Path, accelerator: str) -> Coverage:
     """The coverage of the .tflite model at ``path`` on ``accelerator`` (xnnpack, gpu, nnapi)."""
     return tflite_coverage(path, accelerator)
+
+
+def op_counts(artifact: pathlib.Path, accelerator: str | None = None) -> dict[str, int]:
+    """Op name -> count of the .tflite model at ``artifact``: the ops of its main subgraph, which every
+    delegate's checker counts in ``Coverage.nodes`` (``accelerator``, default the target's first, only
+    validated). Names as the checkers report them: ``FULLY_CONNECTED``, ``CUSTOM:<code>``."""
+    from edgevit.export.targets import get_target
+
+    get_target("tflite").accelerator(accelerator)
+    ops = _read_tflite(pathlib.Path(artifact)).ops
+    return count_by_type(op.name for op in ops)
 
 
 @dataclass
