@@ -59,6 +59,7 @@ class BenchOptions:
     roofline: bool = True
     budget_s: float | None = None  # stop a configuration's timed runs once this much time is spent
     export_timeout_s: float = 1800
+    detached_exports: bool = False  # export children in their own session (a sweep lets them finish on Ctrl-C)
     run_timeout_s: float = 300
     input_shape: tuple[int, ...] | None = None  # of the references in ``models`` (zoo models: input_size)
     remotes: list[RemoteSpec] = field(default_factory=list)  # measure there instead of here (one after another)
@@ -335,7 +336,8 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=where.parent))
     try:
-        row = export_in_child(model, device.target, staging, options, opts.export_timeout_s)
+        row = export_in_child(model, device.target, staging, options, opts.export_timeout_s,
+                              detached=opts.detached_exports)
     except BaseException:  # Ctrl-C, SIGTERM: the child is stopped; its half-made cache entry goes too
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -347,7 +349,8 @@ def export_cached(model: str, input_size: int, device: Device, precision: str, o
     shutil.rmtree(staging, ignore_errors=True)
     if row.get("status") == "failed":  # parity failed: a wrong artifact is not worth timing
         gate = " (the quantization gate)" if quantized else ""
-        return {"status": "error", "error": f"parity failed{gate}; see 'edgevit export' for the figures"}
+        return {"status": "error", "error": f"parity failed{gate}; see 'edgevit export' for the figures",
+                "parity_failed": True, "parity": row.get("parity")}  # the figures, for a sweep's reason
     return row
 
 

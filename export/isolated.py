@@ -42,25 +42,28 @@ def export_command(model: str, target: str, out: Path, flags: Sequence[str] = ()
 
 
 def export_in_child(model: str, target: str, out: Path, options: ExportOptions,
-                    timeout_s: float = TARGET_TIMEOUT_S, echo_stderr: bool = False) -> dict[str, Any]:
+                    timeout_s: float = TARGET_TIMEOUT_S, echo_stderr: bool = False,
+                    detached: bool = False) -> dict[str, Any]:
     """The child's manifest (plus ``artifact_path``), or an error row ``{"status": "error", ...}``.
 
     ``options`` are the parent's, already checked (:meth:`ExportOptions.check`): the child gets them as
     JSON and does not check them again. ``echo_stderr`` copies the child's stderr (the converters' output
-    with ``verbose``) to ours."""
+    with ``verbose``) to ours. ``detached``: the child gets its own session, so a Ctrl-C at the terminal reaches
+    only us (``edgevit sweep`` lets running cells finish); it still dies with us and keeps its deadline."""
     cmd, env = export_command(model, target, out), {OPTIONS_ENV: options.to_json()}
-    return run_export_child(cmd, model, target, timeout_s, echo_stderr, env)
+    return run_export_child(cmd, model, target, timeout_s, echo_stderr, env, detached)
 
 
 def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float = TARGET_TIMEOUT_S,
-                     echo_stderr: bool = False, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+                     echo_stderr: bool = False, env: Mapping[str, str] | None = None,
+                     detached: bool = False) -> dict[str, Any]:
     """Run one export child; on timeout, Ctrl-C or SIGTERM here it is stopped (SIGTERM, then SIGKILL)
     before this returns or re-raises, so no child outlives the export and its staging folder goes too.
     ``env`` is added to the child's environment."""
     env = {k: v for k, v in os.environ.items() if k != OPTIONS_ENV} | dict(env or {}) | {
         PARENT_ENV: str(os.getpid()), DEADLINE_ENV: f"{time.time() + timeout_s:.3f}"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, start_new_session=detached)
     with _RUNNING_LOCK:
         _RUNNING.add(proc)
     try:

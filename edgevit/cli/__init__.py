@@ -6,7 +6,7 @@ package) print one line on stderr and exit with 2; a failed parity check exits w
 This package holds the typer ``app``, :func:`main` and what every command shares (consoles, the
 one-line error); each command group lives in its own module with its renderer beside it:
 :mod:`.listing` (models, targets, passes, devices), :mod:`.export`, :mod:`.inspect`, :mod:`.bench`,
-:mod:`.check`.
+:mod:`.check`, :mod:`.sweep`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _root(
 
 
 # The commands, in the order 'edgevit --help' lists them (the modules import the helpers above).
-from edgevit.cli import bench, check, export, inspect, listing  # noqa: E402
+from edgevit.cli import bench, check, export, inspect, listing, sweep  # noqa: E402
 
 app.command("models")(listing.models_cmd)
 app.command("targets")(listing.targets_cmd)
@@ -79,6 +79,7 @@ app.command("inspect")(inspect.inspect_cmd)
 app.command("devices")(listing.devices_cmd)
 app.command("bench")(bench.bench_cmd)
 app.command("check")(check.check_cmd)
+app.command("sweep")(sweep.sweep_cmd)
 
 
 

@@ -108,14 +108,20 @@ def devices_cmd(
     every: bool = typer.Option(False, "--all", help="This machine and every device named in the devices file."),
     remote_python: Optional[str] = typer.Option(None, "--remote-python", help="Python on the remote [default: python3, or the devices file's]."),
     devices_file: Optional[Path] = typer.Option(None, "--devices-file", help="Devices file [default: edgevit-devices.toml or pyproject.toml here]."),
+    cluster: bool = typer.Option(False, "--cluster", help="The Ray cluster's nodes and the devices they advertise "
+                                 "(custom resources) instead."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --cluster: the cluster [default: 'auto', "
+                                          "the one this machine belongs to]."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """The devices table: every runtime edgevit can measure on, and whether it is available (and why not),
-    here or on remote machines (probed over ssh or adb)."""
+    here or on remote machines (probed over ssh or adb); with --cluster, what a Ray cluster's nodes offer."""
     from edgevit.devices.inventory import resolve_remotes
     from edgevit.devices.remote import RemoteError, RemoteHost
     from edgevit.devices.table import device_rows, local_facts
 
+    if cluster:
+        _cluster_devices(address or "auto", as_json)
     try:
         specs = resolve_remotes(remote, devices_file, remote_python, every_named=every)
     except EdgevitError as exc:
@@ -140,6 +146,42 @@ def devices_cmd(
     for m in failed:
         err_console.print(f"error: {m['reason']}", highlight=False, markup=False)
     raise typer.Exit(1 if failed else 0)
+
+
+def _cluster_devices(address: str, as_json: bool) -> None:
+    """``edgevit devices --cluster``: each live node, its CPUs and custom resources (the devices a bench cell of
+    ``edgevit sweep --executor ray`` may be scheduled on). Exits."""
+    from edgevit.sweep.executors import _connect, _ray, describe_cluster
+
+    try:
+        ray = _ray()
+        if address == "auto" and not _cluster_running():
+            raise EdgevitError("no Ray cluster on this machine: start one (ray start --head) or give --address")
+        _connect(ray, address)
+        nodes = describe_cluster(ray)["nodes"]
+        ray.shutdown()
+    except EdgevitError as exc:
+        fail(str(exc), exc.exit_code)
+    if as_json:
+        out_console.file.write(to_json({"nodes": nodes}) + "\n")
+        raise typer.Exit(0)
+    table = Table(title=f"Ray cluster at {address}")
+    for name in ("node", "address", "CPUs", "devices (custom resources)"):
+        table.add_column(name)
+    for n in nodes:
+        table.add_row(n["id"][:12], n["address"] or "-", f"{n['cpus']:g}",
+                      ", ".join(f"{k} x{v:g}" for k, v in n["resources"].items()) or "-")
+    out_console.print(table)
+    raise typer.Exit(0)
+
+
+def _cluster_running() -> bool:
+    """Whether this machine belongs to a Ray cluster (``ray start`` leaves its address in the session dir)."""
+    import os
+    import tempfile
+
+    return bool(os.environ.get("RAY_ADDRESS")) or os.path.exists(
+        os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster"))
 
 
 def _print_devices(machines: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:

@@ -72,3 +72,33 @@ def hang() -> nn.Module:
     if "--in-process" in sys.argv:
         time.sleep(3600)
     return tiny_mlp()
+
+
+def _target() -> str | None:
+    """The target of the export child this runs in (``edgevit export MODEL --target T --in-process``), else None."""
+    import sys
+
+    argv = sys.argv
+    return argv[argv.index("--target") + 1] if "--in-process" in argv and "--target" in argv else None
+
+
+def flaky() -> nn.Module:
+    """In an export child for onnx the process dies at once (as a segfaulting converter does); for openvino it
+    never returns (a hung one); anywhere else it is TinyMLP."""
+    import os
+    import time
+
+    if _target() == "onnx":
+        os._exit(3)
+    if _target() == "openvino":
+        time.sleep(3600)
+    return tiny_mlp()
+
+
+def slow() -> nn.Module:
+    """TinyMLP, built 8 s late in an export child: a cell that is still running when a sweep is interrupted."""
+    import time
+
+    if _target() is not None:
+        time.sleep(8)
+    return tiny_mlp()
