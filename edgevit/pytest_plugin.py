@@ -66,6 +66,8 @@ def edgevit_exports(request: pytest.FixtureRequest) -> Iterable[Exports]:
     update = request.config.getoption("--edgevit-update-baseline")
     if update and option is None:
         raise pytest.UsageError("--edgevit-update-baseline needs --edgevit-baseline PATH")
+    if update and hasattr(request.config, "workerinput"):  # an xdist worker: each would write its own part
+        raise pytest.UsageError("--edgevit-update-baseline writes one file from one session: run it with -n 0")
     with tempfile.TemporaryDirectory(prefix="edgevit-pytest-") as tmp:
         exports = Exports(Path(tmp), Path(option) if option else None, update)
         yield exports

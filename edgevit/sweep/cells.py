@@ -118,23 +118,34 @@ def plan_cells(models: list[str], targets: list[str], precisions: list[str], acc
 # --- one cell's work --------------------------------------------------------------------------------------
 
 def run_cell(cell_data: dict[str, Any], cache: str, timeout_s: float = CELL_TIMEOUT_S,
-             bench_runs: int = 20) -> dict[str, Any]:
-    """Export (cached) and verify one cell, then time it on its bench devices; a JSON-able row. Never raises for
-    the cell's own failures (they are its row); an interrupt propagates after the child is stopped."""
+             bench_runs: int = 20, with_bench: bool = True) -> dict[str, Any]:
+    """Export (cached) and verify one cell, then (``with_bench``) time it on its bench devices; a JSON-able row.
+    Never raises for the cell's own failures (they are its row); an interrupt propagates after the child is
+    stopped."""
     cell = SweepCell.from_dict(cell_data)
     started = time.monotonic()
     row: dict[str, Any] = {"cell": cell.id, **cell.to_dict(), "host": platform.node(), "pid": os.getpid()}
     try:
         manifest = _export(cell, Path(cache), timeout_s)
     except EdgevitError as exc:
-        return row | {"status": "error", "reason": str(exc), "seconds": time.monotonic() - started}
-    row |= _export_fields(manifest)
-    if row["status"] == "passed" and cell.bench:
-        row["latency"] = {name: _latency(cell, name, Path(cache), bench_runs) for name in cell.bench}
-        failed = {n: v["error"] for n, v in row["latency"].items() if "error" in v}
-        if failed:
-            row |= {"status": "error", "reason": "; ".join(f"bench {n}: {e}" for n, e in failed.items())}
-    return row | {"seconds": round(time.monotonic() - started, 1)}
+        return row | {"status": "error", "reason": str(exc), "seconds": round(time.monotonic() - started, 1)}
+    row |= _export_fields(manifest) | {"seconds": round(time.monotonic() - started, 1)}
+    return add_latency(row, cache, bench_runs) if with_bench else row
+
+
+def add_latency(row: dict[str, Any], cache: str, bench_runs: int = 20) -> dict[str, Any]:
+    """``row`` with the latency of its passed cell on each of its bench devices (a measurement that fails makes
+    the cell an error, with the reason)."""
+    cell = SweepCell.from_dict({k: row[k] for k in SweepCell.__dataclass_fields__})
+    if row["status"] != "passed" or not cell.bench:
+        return row
+    started = time.monotonic()
+    latency = {name: _latency(cell, name, Path(cache), bench_runs) for name in cell.bench}
+    row = row | {"latency": latency, "seconds": round(row.get("seconds", 0) + time.monotonic() - started, 1)}
+    failed = {n: v["error"] for n, v in latency.items() if "error" in v}
+    if failed:
+        row |= {"status": "error", "reason": "; ".join(f"bench {n}: {e}" for n, e in failed.items())}
+    return row
 
 
 def _export(cell: SweepCell, cache: Path, timeout_s: float) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevit.errors import EdgevitError
-from edgevit.sweep.cells import Plan, SweepCell, run_cell
+from edgevit.sweep.cells import Plan, SweepCell, add_latency, run_cell
 
 OnRow = Callable[[dict[str, Any]], None]
 
@@ -60,7 +60,9 @@ def not_run(cell: SweepCell) -> dict[str, Any]:
 # --- local --------------------------------------------------------------------------------------------------
 
 def run_local(plan: Plan, jobs: int, on_row: OnRow, interrupted: Interrupted) -> list[dict[str, Any]]:
-    """Up to ``jobs`` cells at once, each in a thread waiting on its conversion child."""
+    """Up to ``jobs`` cells at once, each in a thread waiting on its conversion child; the latency of the cells
+    that have bench devices after every export, one cell at a time (a measurement beside a running
+    conversion would measure the conversion)."""
     from edgevit.export.isolated import terminate_running_children
 
     rows: dict[str, dict[str, Any]] = {}
@@ -72,17 +74,23 @@ def run_local(plan: Plan, jobs: int, on_row: OnRow, interrupted: Interrupted) ->
                 while queue and len(running) < jobs and not interrupted.stopped:
                     cell = queue.pop(0)
                     running[pool.submit(run_cell, cell.to_dict(), str(plan.cache), plan.timeout_s,
-                                        plan.bench_runs)] = cell
+                                        plan.bench_runs, False)] = cell
                 if not running:
                     break
                 done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
                     cell = running.pop(future)
                     rows[cell.id] = _row_of(future, cell)
-                    on_row(rows[cell.id])
+                    if not cell.bench:
+                        on_row(rows[cell.id])
         except BaseException:  # the second Ctrl-C, SIGTERM: stop the conversions, then leave
             terminate_running_children()
             raise
+    for cell in plan.cells:
+        if cell.bench and cell.id in rows:
+            if not interrupted.stopped:
+                rows[cell.id] = add_latency(rows[cell.id], str(plan.cache), plan.bench_runs)
+            on_row(rows[cell.id])
     return [rows.get(c.id) or not_run(c) for c in plan.cells]
 
 
@@ -115,8 +123,11 @@ def run_ray(plan: Plan, address: str | None, shared: Path | None, on_row: OnRow,
         while queue or running:
             while queue and len(running) < window and not interrupted.stopped:
                 cell = queue.pop(0)
-                # SPREAD: cells are independent and about the same size, so balance them over the nodes
-                options: dict[str, Any] = {"num_cpus": min(cell.cost, biggest), "scheduling_strategy": "SPREAD"}
+                # SPREAD: cells are independent and about the same size, so balance them over the nodes. A cell
+                # that measures latency takes a whole node (nothing converts beside its measurement), and the
+                # devices it is measured on where a node advertises them.
+                cost = biggest if cell.bench else min(cell.cost, biggest)
+                options: dict[str, Any] = {"num_cpus": cost, "scheduling_strategy": "SPREAD"}
                 wanted = {d: 1 for d in cell.bench if d in advertised}
                 if wanted:
                     options["resources"] = wanted
