@@ -51,7 +51,7 @@ def export_in_child(model: str, target: str, out: Path, options: ExportOptions,
     with ``verbose``) to ours. ``detached``: the child gets its own session, so a Ctrl-C at the terminal reaches
     only us (``edgevit sweep`` lets running cells finish); it still dies with us and keeps its deadline."""
     cmd, env = export_command(model, target, out), {OPTIONS_ENV: options.to_json()}
-    return run_export_child(cmd, model, target, timeout_s, echo_stderr, env, detached)
+    return run_export_child(cmd, model, target, timeout_s, echo_stderr, env, detached=detached)
 
 
 def run_export_child(cmd: list[str], model: str, target: str, timeout_s: float = TARGET_TIMEOUT_S,

@@ -239,9 +239,11 @@ def test_options_travel_to_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
                          passes=("strip_aliases", "select_to_slice"))
     assert ExportOptions.from_json(opts.to_json()) == opts
     seen: dict = {}
-    monkeypatch.setattr(isolated, "run_export_child", lambda cmd, *args: seen.update(cmd=cmd, env=args[-1]) or {})
+    monkeypatch.setattr(isolated, "run_export_child",
+                        lambda cmd, *args, **kwargs: seen.update(cmd=cmd, env=args[-1], kwargs=kwargs) or {})
     isolated.export_in_child("tinyfactory:make", "onnx", Path("out"), opts)
     assert seen["cmd"][-1] == "--in-process" and "--init" not in seen["cmd"]  # nothing to parse again
+    assert seen["kwargs"] == {"detached": False}  # the child shares our session unless a sweep asks otherwise
     monkeypatch.setenv(isolated.OPTIONS_ENV, seen["env"][isolated.OPTIONS_ENV])
     assert isolated.take_child_options() == opts and isolated.OPTIONS_ENV not in os.environ
 
