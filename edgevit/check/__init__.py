@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from collections.abc import Iterable
+from typing import Any, Callable
 
 from edgevit.check.baseline import compare, read_lock, write_lock
 from edgevit.check.project import Cell, Project, ProjectError, find_project, load_project
@@ -30,7 +31,7 @@ def select(project: Project, pattern: str | None) -> list[Cell]:
     return cells
 
 
-def check(project: Project, cells: list[Cell], out: Path, jobs: int, baseline: Path | None,
+def check(cells: list[Cell], out: Path, jobs: int, baseline: Path | None,
           update_baseline: bool = False, on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
     """Run ``cells``; compare with the ``baseline`` lock when it exists (unless updating it), or write it.
 
@@ -46,11 +47,12 @@ def check(project: Project, cells: list[Cell], out: Path, jobs: int, baseline: P
     return results
 
 
-def tool_versions(results: list[CellResult]) -> dict[str, str]:
-    """The tool versions the cells' exports recorded (one value per tool; the host's platform left out)."""
+def tool_versions(records: Iterable[dict[str, Any] | None]) -> dict[str, str]:
+    """The tool versions a run's exports recorded (each record's ``versions``; one value per tool, the host's
+    platform left out)."""
     merged: dict[str, str] = {}
-    for r in results:
-        for key, value in (r.record.get("versions") or {}).items():
+    for record in records:
+        for key, value in ((record or {}).get("versions") or {}).items():
             if key not in ("platform", "machine"):
                 merged.setdefault(key, str(value))
     return dict(sorted(merged.items()))

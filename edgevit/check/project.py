@@ -57,6 +57,16 @@ class Budgets:
     latency: LatencyBudget | None = None
 
 
+def cell_id(name: str, target: str, accelerator: str | None, precision: str) -> str:
+    """``name/target[:accelerator]/precision``: how check, sweep and their reports name a cell."""
+    return f"{name}/{target}:{accelerator}/{precision}" if accelerator else f"{name}/{target}/{precision}"
+
+
+def cell_slug(cell: str) -> str:
+    """A cell id as a folder name (no '/' or ':', which CI artifact uploads and Windows refuse)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", cell)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One export to check: a model entry's target x precision x accelerator."""
@@ -76,13 +86,11 @@ class Cell:
 
     @property
     def id(self) -> str:
-        where = f"{self.target}:{self.accelerator}" if self.accelerator else self.target
-        return f"{self.name}/{where}/{self.precision}"
+        return cell_id(self.name, self.target, self.accelerator, self.precision)
 
     @property
     def slug(self) -> str:
-        """The id as a folder name (no '/' or ':', which CI artifact uploads and Windows refuse)."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.id)
+        return cell_slug(self.id)
 
 
 @dataclass(frozen=True)

@@ -228,12 +228,15 @@ def budget_reasons(cell: Cell, record: dict[str, Any]) -> list[str]:
         if b.coverage.min_nodes_percent is not None and cov["percent"] < b.coverage.min_nodes_percent:
             reasons.append(f"{cell.target}:{cell.accelerator}: {cov['supported']}/{cov['nodes']} nodes "
                            f"({cov['percent']:g}%) < budget {b.coverage.min_nodes_percent:g}%{_refused(cov)}")
-    latency = record.get("latency")
-    if b.latency is not None and latency is not None and latency.get("median_ms") is not None \
-            and latency["median_ms"] > b.latency.max_ms:
-        reasons.append(f"latency on {b.latency.device}: median {latency['median_ms']:.2f} ms > budget "
-                       f"{b.latency.max_ms:g} ms")
-    return reasons
+    return reasons + latency_reasons(cell, record)
+
+
+def latency_reasons(cell: Cell, record: dict[str, Any]) -> list[str]:
+    """The latency budget's reason, when ``record`` has a measured median above it."""
+    budget, median = cell.budgets.latency, (record.get("latency") or {}).get("median_ms")
+    if budget is None or median is None or median <= budget.max_ms:
+        return []
+    return [f"latency on {budget.device}: median {median:.2f} ms > budget {budget.max_ms:g} ms"]
 
 
 def _refused(cov: dict[str, Any]) -> str:
@@ -268,7 +271,6 @@ def _judge_latency(cell: Cell, result: CellResult, bench_out: Path) -> None:
         return
     result.record["latency"] = {"device": budget.device, "median_ms": row["summary"]["median_ms"],
                                 "p90_ms": row["summary"].get("p90_ms")}
-    extra = budget_reasons(replace(cell, budgets=replace(cell.budgets, max_abs_error=None, max_size_mb=None,
-                                                         coverage=None)), result.record)
+    extra = latency_reasons(cell, result.record)
     if extra:
         result.status, result.reasons = "failed", result.reasons + extra

@@ -47,11 +47,11 @@ def check_cmd(
             raise EdgevitError(f"--jobs must be >= 1, got {jobs}")
         lock = baseline or loaded.lock_path
         compared = lock.exists() and not update_baseline
-        results = chk.check(loaded, selected, out, jobs or loaded.jobs, lock, update_baseline,
+        results = chk.check(selected, out, jobs or loaded.jobs, lock, update_baseline,
                             on_result=None if as_json else _progress(len(selected)))
     except EdgevitError as exc:
         fail(str(exc), exc.exit_code)
-    versions = chk.tool_versions(results)
+    versions = chk.tool_versions(r.record for r in results)
     paths = report.write_all(results, out, loaded.path, None if update_baseline else lock, versions, junit, summary)
     if as_json:
         out_console.file.write(paths["json"].read_text())

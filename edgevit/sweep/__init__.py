@@ -59,12 +59,8 @@ def check_executor(executor: str, jobs: int, address: str | None, shared: Path |
 
 
 def _versions(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """The tool versions the cells' exports recorded (one value per tool), plus edgevit's own."""
+    """The tool versions the cells' exports recorded, plus edgevit's own (also when no cell exported)."""
+    from edgevit.check import tool_versions
     from edgevit.devices.worker import package_version
 
-    merged = {"edgevit": package_version("edgevit")}
-    for row in rows:
-        for key, value in (row.get("versions") or {}).items():
-            if key not in ("platform", "machine"):
-                merged.setdefault(key, str(value))
-    return dict(sorted(merged.items()))
+    return {"edgevit": package_version("edgevit")} | tool_versions(rows)

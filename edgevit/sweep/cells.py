@@ -9,7 +9,6 @@ in a child process with its timeout (``export/isolated.py``), so a crash or a ha
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgevit.check.project import cell_id, cell_slug
 from edgevit.errors import EdgevitError
 
 CELL_TIMEOUT_S = 1800.0
@@ -39,12 +39,11 @@ class SweepCell:
 
     @property
     def id(self) -> str:
-        where = f"{self.target}:{self.accelerator}" if self.accelerator else self.target
-        return f"{self.model}/{where}/{self.precision}"
+        return cell_id(self.model, self.target, self.accelerator, self.precision)
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.id)
+        return cell_slug(self.id)
 
     @property
     def cost(self) -> int:
@@ -233,7 +232,3 @@ def _latency(cell: SweepCell, device: str, cache: Path, runs: int) -> dict[str, 
     if row is None or not row.get("summary"):
         return {"error": (row or {}).get("detail") or f"no {cell.target} runtime measured there"}
     return {"median_ms": row["summary"]["median_ms"], "p90_ms": row["summary"].get("p90_ms"), "runtime": row["device"]}
-
-
-def rows_json(rows: list[dict[str, Any]]) -> str:
-    return json.dumps(rows, indent=1, default=str)
