@@ -154,6 +154,53 @@ def test_softmax_last_axis_tflite_single_softmax(tmp_path: Path) -> None:
     assert after == ["TRANSPOSE", "SOFTMAX", "TRANSPOSE"]
 
 
+# --- softmax_drop_unit_dims ---------------------------------------------------------------------
+
+class _ConvQuerySoftmax(nn.Module):
+    """MobileViT v2's separable attention scores: a 1-channel slice of a 1x1 conv, soft-maxed over N."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Conv2d(8, 17, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query, key, _ = self.qkv(x).split([1, 8, 8], dim=1)
+        return key * query.softmax(dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "log_softmax"])
+def test_softmax_drop_unit_dims_is_exact(kind: str) -> None:
+    """The reshapes are views: the same kernel normalises the same rows, so the outputs are equal bit for bit."""
+    torch.manual_seed(0)
+    op = torch.softmax if kind == "softmax" else F.log_softmax
+    model, x = Fn(lambda m, x: op(x * 3.0, -1) * 1.0), torch.randn(2, 1, 4, 1, 33)
+    r = run_pipeline(model, (x,), ["softmax_drop_unit_dims"])
+    assert _sites(r, "softmax_drop_unit_dims") == 1
+    (node,) = _calls(r.program, aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+    assert tuple(node.args[0].meta["val"].shape) == (2, 4, 33)
+    assert torch.equal(_run(r.model, x), _run(model, x))
+
+
+def test_softmax_drop_unit_dims_leaves_other_softmaxes_alone() -> None:
+    """No inner unit dim (attention's (B, H, N, N), batch 1 included), not the last axis, or rank 2: no site."""
+    model = Fn(lambda m, x, y, z: torch.softmax(x, -1).sum() + torch.softmax(y, 1).sum() + torch.softmax(z, -1).sum())
+    inputs = (torch.randn(1, 3, 5, 5), torch.randn(2, 1, 4), torch.randn(1, 7))
+    r = run_pipeline(model, inputs, ["softmax_drop_unit_dims"])
+    assert _sites(r, "softmax_drop_unit_dims") == 0
+
+
+@pytest.mark.slow
+def test_softmax_drop_unit_dims_keeps_tflite_softmax(tmp_path: Path) -> None:
+    """litert-torch's layout pass turns the one-channel transpose after the conv into a reshape and moves the
+    softmax axis: six ops instead of SOFTMAX. Without the unit dim the SOFTMAX survives."""
+    model, x = _ConvQuerySoftmax().eval(), torch.randn(1, 8, 4, 16)
+    before = _tflite_ops(capture(model, (x,)), (x,), tmp_path / "a.tflite")
+    assert "SOFTMAX" not in before and {"REDUCE_MAX", "EXP", "SUM", "DIV"} <= set(before)
+    r = run_pipeline(model, (x,), ["softmax_drop_unit_dims"])
+    after = _tflite_ops(r.program, (x,), tmp_path / "b.tflite")
+    assert after.count("SOFTMAX") == 1 and not {"REDUCE_MAX", "EXP", "SUM", "DIV"} & set(after)
+
+
 # --- finite_masks -------------------------------------------------------------------------------
 
 def _causal_full(m, x):  # HF-style causal mask built in the graph from finfo(fp32).min

@@ -70,6 +70,7 @@ ORDER: tuple[str, ...] = (
     "expand_to_broadcast",  # after the decompositions that produce expands
     "finite_masks",  # on the explicit attention's mask (after sdpa_to_explicit)
     "softmax_last_axis",  # on the explicit attention's softmax, and any other
+    "softmax_drop_unit_dims",  # then its inner unit dims reshaped away (TFLite's layout pass moves the axis)
     "gelu_tanh",  # NNAPI-only decompositions of normalisation and activation ops
     "decompose_group_norm",
     "decompose_layer_norm",

@@ -1,4 +1,5 @@
-"""``softmax_last_axis``: softmax / log_softmax over any axis as a softmax over the last one.
+"""Softmax layout passes: ``softmax_last_axis`` (any axis as the last one) and ``softmax_drop_unit_dims``
+(a last-axis softmax on a tensor without its inner unit dims, so a converter's layout change cannot move the axis).
 
 Like every attention-related pass, it matches plain ATen patterns (any model, not only the zoo) and
 leaves a site alone when a shape, a dtype or a constant it needs is unknown.
@@ -50,3 +51,37 @@ class SoftmaxLastAxis(ViewRepairing, GraphPass):
         moved = ctx.call(aten.transpose.int, x, dim, -1)
         inner = ctx.call(node.target, moved, -1, *node.args[2:], **node.kwargs)
         ctx.replace(node, ctx.call(aten.transpose.int, inner, dim, -1))
+
+
+@register_pass
+class SoftmaxDropUnitDims(ViewRepairing, GraphPass):
+    """A last-axis softmax on a tensor with unit dims between batch and last → reshape them away and back.
+
+    Also ``log_softmax``. Before: ``softmax(q: (B, 1, P, N), -1)`` where ``q`` is a channel slice of a 1x1 conv (MobileViT v2's
+    separable attention). After: ``reshape(softmax(reshape(q, (B, P, N)), -1), (B, 1, P, N))``.
+    Why: litert-torch lowers the conv in NHWC between transposes; the converter's layout propagation then
+    treats the transpose of a tensor with one channel as a reshape, moves it past the softmax and leaves a
+    softmax over a non-last NHWC axis, which it writes as six ops (REDUCE_MAX, MAXIMUM, SUB, EXP, SUM, DIV)
+    instead of one SOFTMAX. Those six stay float in a full-integer model (the NNAPI delegate has no int8
+    EXP/SUM/DIV) and cost a reduction pass each on XNNPACK. Without the unit dim the transpose is not a
+    reshape and the SOFTMAX survives. Exact: the reshapes are views; the same softmax runs on the same rows.
+    Batch is kept (dim 0), and a softmax without an inner unit dim is left alone (DeiT's (B, H, N, N)).
+    """
+
+    name = "softmax_drop_unit_dims"
+    fixes = ("EXP", "REDUCE_MAX", "split softmax")
+
+    def matches(self, ctx: PassContext, node: fx.Node) -> bool:
+        if not is_op(node, *_SOFTMAXES) or len(node.args) < 2 or not isinstance(node.args[1], int):
+            return False
+        shape = ctx.shape(node.args[0])
+        if shape is None or len(shape) < 3 or _norm_dim(node.args[1], len(shape)) != len(shape) - 1:
+            return False
+        return 1 in shape[1:-1]
+
+    def rewrite(self, ctx: PassContext, node: fx.Node) -> None:
+        x, shape = node.args[0], list(ctx.shape(node.args[0]))
+        kept = [shape[0]] + [d for d in shape[1:-1] if d != 1] + [shape[-1]]
+        flat = ctx.call(aten.reshape.default, x, kept)
+        inner = ctx.call(node.target, flat, -1, *node.args[2:], **node.kwargs)
+        ctx.replace(node, ctx.call(aten.reshape.default, inner, shape))

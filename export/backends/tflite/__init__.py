@@ -27,29 +27,30 @@ BACKEND = Backend(
         converter_input="module",  # litert-torch exports the module itself
     ),
     # the passes each accelerator runs, in ORDER (export/passes/__init__.py)
-    # every LiteRT delegate: nearest down-sampling as slices, softmax on the last axis; xnnpack: the fused
-    # projection split (measured faster); gpu: finite masks, group norm decomposed, static gathers; nnapi: as
-    # onnx:nnapi.
+    # every LiteRT delegate: nearest down-sampling as slices, softmax on the last axis without inner unit
+    # dims; xnnpack: the fused projection split (measured faster); gpu: finite masks, group norm decomposed,
+    # static gathers; nnapi: as onnx:nnapi.
     pipelines={
         "xnnpack": (
             "strip_aliases", "select_to_slice", "fold_constant_gathers", "fold_batchnorm", "fuse_gelu",
             "adaptive_pool_static", "nearest_downsample_slice", "unfold_fold_static", "pixel_unshuffle_rank4",
             "lower_rank", "sdpa_to_explicit", "einsum_to_matmul", "expand_to_broadcast", "softmax_last_axis",
-            "split_fused_projection", "fold_scale_into_linear", "sink_slices",
+            "softmax_drop_unit_dims", "split_fused_projection", "fold_scale_into_linear", "sink_slices",
         ),
         "gpu": (
             "strip_aliases", "select_to_slice", "fold_constant_gathers", "fold_batchnorm", "fuse_gelu",
             "adaptive_pool_static", "nearest_downsample_slice", "unfold_fold_static", "pixel_unshuffle_rank4",
             "lower_rank", "sdpa_to_explicit", "einsum_to_matmul", "expand_to_broadcast", "finite_masks",
-            "softmax_last_axis", "decompose_group_norm", "static_gather_scatter", "static_topk_select",
-            "fold_scale_into_linear", "sink_slices",
+            "softmax_last_axis", "softmax_drop_unit_dims", "decompose_group_norm", "static_gather_scatter",
+            "static_topk_select", "fold_scale_into_linear", "sink_slices",
         ),
         "nnapi": (
             "strip_aliases", "select_to_slice", "fold_constant_gathers", "fold_batchnorm", "adaptive_pool_static",
             "nearest_downsample_slice", "unfold_fold_static", "pixel_unshuffle_rank4", "lower_rank",
-            "sdpa_to_explicit", "einsum_to_matmul", "expand_to_broadcast", "softmax_last_axis", "gelu_tanh",
-            "decompose_group_norm", "decompose_layer_norm", "decompose_vector_norm", "sum_to_mean",
-            "static_gather_scatter", "static_topk_select", "fold_scale_into_linear", "sink_slices",
+            "sdpa_to_explicit", "einsum_to_matmul", "expand_to_broadcast", "softmax_last_axis",
+            "softmax_drop_unit_dims", "gelu_tanh", "decompose_group_norm", "decompose_layer_norm",
+            "decompose_vector_norm", "sum_to_mean", "static_gather_scatter", "static_topk_select",
+            "fold_scale_into_linear", "sink_slices",
         ),
     },
     packages=("litert-torch", "ai-edge-litert"),
