@@ -345,3 +345,53 @@ def test_decompose_vector_norm_reason_ort_eps(tmp_path: Path, accelerator: str) 
     names = ["expand_to_broadcast", "decompose_vector_norm"]
     after = coverage(model, x, names, tmp_path / "with.onnx", accelerator)
     assert after.unsupported == {} and after.whole
+
+
+# --- sqrt_div_to_rsqrt (export/backends/tflite/passes/rsqrt.py) -----------------------------------
+
+@pytest.mark.parametrize("norm, shape, dims", [
+    (nn.LayerNorm(192), (1, 50, 192), [2]),
+    (nn.GroupNorm(1, 8), (2, 8, 5, 5), [1, 2, 3]),
+])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_sqrt_div_to_rsqrt_equivalence(norm: nn.Module, shape, dims, offset: float) -> None:
+    """After the decomposition, each norm's Sqrt + Div is one Rsqrt and a Mul, within the norm's fp32 rounding."""
+    torch.manual_seed(0)
+    model, x = randomise(norm), torch.randn(shape) * 3 + offset
+    decompose = "decompose_layer_norm" if isinstance(norm, nn.LayerNorm) else "decompose_group_norm"
+    r = run_pipeline(model, (x,), [decompose, "sqrt_div_to_rsqrt"])
+    assert [rep.sites for rep in r.reports] == [1, 1]
+    assert count(r.program, aten.sqrt, aten.div) == 0 and count(r.program, aten.rsqrt) == 1
+    ref, out = outputs(model, r.model, x)
+    assert (out - ref).abs().max().item() <= norm_tolerance(x, dims, ref)
+
+
+def test_sqrt_div_to_rsqrt_keeps_a_shared_sqrt() -> None:
+    """A square root that something else reads stays (rsqrt would add an op, not replace one)."""
+
+    class SharedRoot(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            root = torch.sqrt(x.abs() + 1)
+            return x / root + root
+
+    r = run_pipeline(SharedRoot(), (torch.randn(3, 4),), ["sqrt_div_to_rsqrt"])
+    assert r.reports[0].sites == 0 and count(r.program, aten.rsqrt) == 0
+
+
+@pytest.mark.slow
+def test_sqrt_div_to_rsqrt_reason_tflite(tmp_path: Path) -> None:
+    """The .tflite of a decomposed LayerNorm has SQRT and DIV (both float-only for the NNAPI delegate); after the
+    pass one RSQRT instead."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, x = randomise(nn.LayerNorm(16)), torch.randn(1, 8, 16)
+
+    def ops(names: list[str], path: Path) -> list[str]:
+        r = run_pipeline(model, (x,), names)
+        get_target("tflite").converter_module().convert(r.program, (x,), path, "fp32")
+        return [op["op_name"] for op in Interpreter(str(path))._get_ops_details()]
+
+    before = ops(["decompose_layer_norm"], tmp_path / "a.tflite")
+    assert {"SQRT", "DIV"} <= set(before) and "RSQRT" not in before
+    after = ops(["decompose_layer_norm", "sqrt_div_to_rsqrt"], tmp_path / "b.tflite")
+    assert after.count("RSQRT") == 1 and not {"SQRT", "DIV"} & set(after)

@@ -76,6 +76,7 @@ ORDER: tuple[str, ...] = (
     "decompose_layer_norm",
     "decompose_vector_norm",
     "sum_to_mean",
+    "sqrt_div_to_rsqrt",  # TFLite NNAPI: the decomposed norms' Sqrt + Div as one Rsqrt and a Mul
     "static_gather_scatter",  # constant-index gathers/scatters as slices or one-hot matmuls
     "static_topk_select",
     "ane_channel_layer_norm",  # the Neural Engine layout (B, C, 1, S): norms, then linears, then attention,

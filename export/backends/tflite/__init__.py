@@ -29,7 +29,7 @@ BACKEND = Backend(
     # the passes each accelerator runs, in ORDER (export/passes/__init__.py)
     # every LiteRT delegate: nearest down-sampling as slices, softmax on the last axis without inner unit
     # dims; xnnpack: the fused projection split (measured faster); gpu: finite masks, group norm decomposed,
-    # static gathers; nnapi: as onnx:nnapi.
+    # static gathers; nnapi: as onnx:nnapi, then the norms' Sqrt + Div as Rsqrt + Mul.
     pipelines={
         "xnnpack": (
             "strip_aliases", "select_to_slice", "fold_constant_gathers", "fold_batchnorm", "fuse_gelu",
@@ -49,8 +49,8 @@ BACKEND = Backend(
             "nearest_downsample_slice", "unfold_fold_static", "pixel_unshuffle_rank4", "lower_rank",
             "sdpa_to_explicit", "einsum_to_matmul", "expand_to_broadcast", "softmax_last_axis",
             "softmax_drop_unit_dims", "gelu_tanh", "decompose_group_norm", "decompose_layer_norm",
-            "decompose_vector_norm", "sum_to_mean", "static_gather_scatter", "static_topk_select",
-            "fold_scale_into_linear", "sink_slices",
+            "decompose_vector_norm", "sum_to_mean", "sqrt_div_to_rsqrt", "static_gather_scatter",
+            "static_topk_select", "fold_scale_into_linear", "sink_slices",
         ),
     },
     packages=("litert-torch", "ai-edge-litert"),
