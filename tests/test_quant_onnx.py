@@ -250,3 +250,31 @@ def test_w8_conv_weights_fold_to_float_constants_at_load(tmp_path):
                                      providers=["CPUExecutionProvider"]).run(None, {"x": np.abs(x)})[0]
     bound = 2 * 72 * np.finfo(np.float32).eps * magnitude
     assert np.all(np.abs(folded - unfolded) <= bound)
+
+
+def test_int8_full_leaves_instance_norm_float_when_the_tool_refuses_it():
+    """onnxruntime 1.31 raises "shared mode is not supported for weight" on MobileViT v2's InstanceNormalization
+    (its GroupNorm(1)); `full` then quantizes every other op of the tool's list and says what it left float.
+    Any other error of the tool still surfaces."""
+    from edgevit.export.backends.onnx.quantize import _run_full_registry
+
+    calls: list[list[str] | None] = []
+
+    def refusing(types):
+        calls.append(types)
+        if types is None:
+            raise ValueError("Quantization parameter shared mode is not supported for weight yet")
+
+    note = _run_full_registry(refusing)
+    assert calls[0] is None and len(calls) == 2
+    assert "InstanceNormalization" not in calls[1] and {"Conv", "MatMul", "Add", "Softmax"} <= set(calls[1])
+    assert note is not None and "InstanceNormalization left float" in note
+
+    calls.clear()
+    assert _run_full_registry(lambda types: calls.append(types)) is None and calls == [None]
+
+    def broken(types):
+        raise ValueError("something else")
+
+    with pytest.raises(ValueError, match="something else"):
+        _run_full_registry(broken)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,11 +160,17 @@ def quantize_int8(src: Path, out: Path, spec: QuantSpec,
     method, described = calibration_method(chosen)
     with tempfile.TemporaryDirectory(prefix="edgevit-ort-quant-") as tmp:
         cache = calibrate(src, op_types, chosen, calibration, Path(tmp))
-        quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
-                        per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
-                        calibration_cache_path=str(cache))
+
+        def run(types: list[str] | None) -> None:
+            quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=types,
+                            per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
+                            calibration_cache_path=str(cache))
+
+        left_float = _run_full_registry(run) if not safe else run(op_types)
     notes = [f"calibrated on {len(calibration)} samples ({described})"]
+    if left_float:
+        notes.append(left_float)
     if safe:
         model = onnx.load(str(out))
         rewired, freed = keep_float_ops_float(model, SAFE_OP_TYPES), unquantize_graph_outputs(model)
@@ -190,6 +196,32 @@ def quantize_int8(src: Path, out: Path, spec: QuantSpec,
         "activations": f"int8 per-tensor asymmetric (QuantizeLinear/DequantizeLinear), {described}",
         "notes": notes,
     }
+
+
+#: onnxruntime 1.31's QDQ quantizer message when an op would share a weight's quantization parameters
+_SHARED_WEIGHT = "shared mode is not supported for weight"
+
+
+def _run_full_registry(run: Callable[[list[str] | None], None]) -> str | None:
+    """``run`` with the tool's whole op list; if the tool refuses the graph because of InstanceNormalization,
+    again without it, and say so (``None`` when nothing was left out).
+
+    Why: on MobileViT v2 (GroupNorm(1) exported as InstanceNormalization with 1-element scale and bias
+    initializers) ``quantize_static`` raises "Quantization parameter shared mode is not supported for weight
+    yet" from its InstanceNormalization quantizer. Leaving those nodes float (DequantizeLinear before, the
+    next QuantizeLinear after) is what `full` does for any op the tool cannot quantize.
+    """
+    try:
+        run(None)
+        return None
+    except ValueError as exc:
+        if _SHARED_WEIGHT not in str(exc):
+            raise
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    run(sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - {"InstanceNormalization"}))
+    return ("full: InstanceNormalization left float (onnxruntime's quantizer refused it: 'Quantization "
+            "parameter shared mode is not supported for weight yet')")
 
 
 def calibration_method(method: str) -> tuple[Any, str]:
