@@ -62,9 +62,10 @@ class SoftmaxDropUnitDims(ViewRepairing, GraphPass):
     Why: litert-torch lowers the conv in NHWC between transposes; the converter's layout propagation then
     treats the transpose of a tensor with one channel as a reshape, moves it past the softmax and leaves a
     softmax over a non-last NHWC axis, which it writes as six ops (REDUCE_MAX, MAXIMUM, SUB, EXP, SUM, DIV)
-    instead of one SOFTMAX. Those six stay float in a full-integer model (the NNAPI delegate has no int8
-    EXP/SUM/DIV) and cost a reduction pass each on XNNPACK. Without the unit dim the transpose is not a
-    reshape and the SOFTMAX survives. Exact: the reshapes are views; the same softmax runs on the same rows.
+    instead of one SOFTMAX. EXP and REDUCE_MAX stay float in a full-integer model (no int8 form in
+    ai-edge-quantizer; the NNAPI delegate has no int8 EXP/SUM/DIV either). Without the unit dim the transpose
+    is not a reshape and the SOFTMAX survives. On XNNPACK in fp32 both forms take the same time
+    (MobileViT-v2-0.5, interleaved A/B: 1.00x). Exact: the reshapes are views; the same softmax runs on the same rows.
     Batch is kept (dim 0), and a softmax without an inner unit dim is left alone (DeiT's (B, H, N, N)).
     """
 
