@@ -210,6 +210,35 @@ def test_onnxruntime_names_its_dequantized_conv_weights_when_w8_is_slower() -> N
     assert not any("DequantizeLinear" in r for r in slower_reasons(folded, ["avx512_vnni"]))
 
 
+def test_litert_names_the_ops_xnnpack_leaves_out(tmp_path: Path) -> None:
+    """A GroupNorm lowers with BROADCAST_TO, which XNNPACK does not take: the session counts the delegate's
+    partitions and the ops between them; a slow LiteRT row is explained with them, a whole graph is not."""
+    import torch
+    from torch import nn
+
+    from edgevit.devices.report import slower_reasons
+    from edgevit.export.backends.tflite.session import LiteRTSession
+    from edgevit.export.capture import capture
+    from edgevit.export.targets import get_target
+
+    x = torch.randn(1, 3, 8, 8)
+    convert = get_target("tflite").converter_module().convert
+    split, whole = tmp_path / "split.tflite", tmp_path / "whole.tflite"
+    torch.manual_seed(0)
+    convert(capture(nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8), nn.Conv2d(8, 8, 1)).eval(), (x,)),
+            (x,), split, "fp32")
+    convert(capture(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval(), (x,)), (x,), whole,
+            "fp32")
+    info = LiteRTSession({"artifact": str(split), "threads": 1, "options": {}}).info
+    assert info["outside_delegate"] == {"BROADCAST_TO": 2} and info["delegate_partitions"] == 2
+    assert LiteRTSession({"artifact": str(whole), "threads": 1, "options": {}}).info["outside_delegate"] == {}
+    assert "delegate_partitions" not in LiteRTSession({"artifact": str(whole), "threads": 1,
+                                                       "options": {"delegate": "none"}}).info
+    row = {"device": "tflite:xnnpack", "precision": "int8", "runtime_info": info}
+    assert ("XNNPACK takes the graph in 2 pieces; between them LiteRT's own kernels run 2 op(s) (BROADCAST_TO x2)"
+            in slower_reasons(row, ["avx512_vnni"]))
+
+
 @pytest.mark.parametrize("median, low, high, slower", [
     (0.80, 0.70, 0.90, True),  # every round slower
     (0.93, 0.60, 1.40, True),  # more than 5 % slower in the median

@@ -39,6 +39,17 @@ def _nnapi(facts: Facts) -> str | None:
     return "the LiteRT Python interpreter loads no NNAPI delegate; use onnx:nnapi or an app-side benchmark"
 
 
+def slower_reasons(row: dict[str, Any]) -> list[str]:
+    """Why a quantized LiteRT row is slow, from how XNNPACK split it (``session.delegate_placement``)."""
+    info = row.get("runtime_info") or {}
+    outside = info.get("outside_delegate") or {}
+    if not outside:
+        return []
+    ops = ", ".join(f"{name} x{count}" for name, count in sorted(outside.items(), key=lambda kv: -kv[1]))
+    return [f"XNNPACK takes the graph in {info.get('delegate_partitions')} pieces; between them LiteRT's own "
+            f"kernels run {sum(outside.values())} op(s) ({ops})"]
+
+
 ROWS: tuple[Device, ...] = (
     Device("tflite:xnnpack", "LiteRT interpreter, XNNPACK delegate (its default)", "litert", "tflite", "xnnpack",
            _litert, {"fp32": ("fp32", {}), "fp16": ("fp16", {}), "int8": ("int8", {}), "w8": ("w8", {}),

@@ -82,6 +82,8 @@ class LiteRTSession:
                   if d["dtype"] in (np.float16, np.float32)}
         self.info |= {"runtime": RUNTIME, "package": package, "version": package_version(package), "delegate": delegate,
                       "precision": "fp16 weights" if "float16" in dtypes else "fp32"}
+        if delegate == "xnnpack":
+            self.info |= delegate_placement(self.interpreter)
 
     @classmethod
     def for_parity(cls, path: str, threads: int | None = None) -> "LiteRTSession":
@@ -113,6 +115,50 @@ class LiteRTSession:
         # The interpreter's Python API has no per-op profiler (LiteRT's op profiling lives in its C++
         # benchmark tool), so there are no per-op rows or kinds to report.
         return []
+
+
+def delegate_placement(interpreter: Any) -> dict[str, Any]:
+    """How the delegate split the graph: ``delegate_partitions`` (its kernels in the execution plan) and
+    ``outside_delegate`` ({op name: count} of the ops LiteRT's own kernels run between them).
+
+    The Python API has no execution plan, but the interpreter keeps every original node and appends one
+    DELEGATE node per partition, with the partition's boundary tensors as inputs/outputs. An op whose output
+    leaves a partition is delegated; one whose output enters a partition (or is a graph output no partition
+    produces) is not; an op whose output stays between ops takes the side of its reader (a tensor inside a
+    partition joins two delegated ops, one outside joins two undelegated ones).
+    """
+    ip = interpreter._interpreter  # no public API lists nodes
+    names = [ip.NodeName(i) for i in range(ip.NumNodes())]
+    partitions = [i for i, name in enumerate(names) if name == "DELEGATE"]
+    ops = [i for i, name in enumerate(names) if name != "DELEGATE"]
+    leaving = {t for d in partitions for t in ip.NodeOutputs(d)}
+    entering = {t for d in partitions for t in ip.NodeInputs(d)}
+    entering |= {d["index"] for d in interpreter.get_output_details()} - leaving
+    readers: dict[int, list[int]] = {}
+    for i in ops:
+        for t in ip.NodeInputs(i):
+            readers.setdefault(int(t), []).append(i)
+    delegated: dict[int, bool] = {}
+    for i in ops:
+        outs = [int(t) for t in ip.NodeOutputs(i)]
+        if any(t in leaving for t in outs):
+            delegated[i] = True
+        elif any(t in entering for t in outs):
+            delegated[i] = False
+    changed = True
+    while changed:  # an op between two ops takes its reader's side
+        changed = False
+        for i in ops:
+            if i in delegated:
+                continue
+            known = [delegated[r] for t in ip.NodeOutputs(i) for r in readers.get(int(t), []) if r in delegated]
+            if known:
+                delegated[i], changed = known[0], True
+    outside: dict[str, int] = {}
+    for i in ops:
+        if delegated.get(i) is False:
+            outside[names[i]] = outside.get(names[i], 0) + 1
+    return {"delegate_partitions": len(partitions), "outside_delegate": dict(sorted(outside.items()))}
 
 
 #: LiteRT ops that multiply matrices
