@@ -259,13 +259,27 @@ def cache_key(model: str, input_size: int, device: Device, precision: str, passe
     target = get_target(device.target)
     key = {"model": model, "input_size": input_size, "target": target.name, "accelerator": device.accelerator,
            "precision": precision, "passes": list(resolve_passes(passes, target.name, device.accelerator)),
-           "seed": 0, "versions": _versions(["edgevit", "torch", *_converter_packages(target.name)])}
+           "seed": 0, "versions": _versions(["edgevit", "torch", *_converter_packages(target.name)]),
+           "export_code": export_code_fingerprint()}
     if is_reference(model):
         key |= {"input_shape": list(input_shape or ()), "content": fingerprint(model),
                 "transformers": package_version("transformers")}
     if quant is not None:  # quantized: the settings and the data decide the bytes, and the quantizer's version
         key |= {"quantization": quant, "quantizer": _versions(_quantizer_packages(target.name))}
     return key
+
+
+@lru_cache(maxsize=1)
+def export_code_fingerprint() -> str:
+    """A hash of edgevit's export code (every .py under ``edgevit.export``): a pass, recipe or converter edit
+    changes an artifact's bytes without changing a version number, so it must change the cache key too."""
+    import edgevit.export
+
+    root = Path(edgevit.export.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _quantizer_packages(target: str) -> list[str]:

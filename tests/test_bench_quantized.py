@@ -74,6 +74,30 @@ def test_the_cache_key_follows_the_quantization_settings_and_data(tmp_path: Path
     assert "quantization" not in cache_key("deit_tiny", 224, onnx, "fp32", "auto")
 
 
+def test_the_cache_key_follows_the_export_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass or recipe edit changes an artifact without a version bump: the key hashes the export code."""
+    import edgevit.export
+    from edgevit.devices import bench
+
+    package = tmp_path / "export"
+    (package / "backends").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    recipe = package / "backends" / "quantize.py"
+    recipe.write_text("SAFE_OPS = ('FULLY_CONNECTED', 'BATCH_MATMUL')\n")
+    monkeypatch.setattr(edgevit.export, "__file__", str(package / "__init__.py"))
+    bench.export_code_fingerprint.cache_clear()
+    before = bench.export_code_fingerprint()
+    recipe.write_text("SAFE_OPS = ('FULLY_CONNECTED',)\n")
+    bench.export_code_fingerprint.cache_clear()
+    assert bench.export_code_fingerprint() != before
+    monkeypatch.undo()
+    bench.export_code_fingerprint.cache_clear()
+    from edgevit.devices.table import get_device
+
+    assert bench.cache_key("deit_tiny", 224, get_device("onnx:cpu"), "fp32", "auto")["export_code"] == \
+        bench.export_code_fingerprint()
+
+
 def test_seeded_calibration_is_a_npz_the_quantization_step_reads(tmp_path: Path) -> None:
     import torch
 

@@ -16,6 +16,7 @@ from edgevit.devices.runtimes import load_runner  # noqa: E402
 from edgevit.errors import EdgevitError  # noqa: E402
 from edgevit.export.backends.tflite.coverage import _read_tflite  # noqa: E402
 from edgevit.export.backends.tflite.quantize import PRECISIONS, quantize  # noqa: E402
+from edgevit.export.backends.tflite.session import LiteRTSession  # noqa: E402
 from edgevit.export.quantization import INFO_KEYS, OPTIONAL_INFO_KEYS, QuantSpec  # noqa: E402
 from edgevit.export.quantization.gate import decisive_agreement, required_sqnr_db, sqnr_db  # noqa: E402
 
@@ -89,12 +90,15 @@ def _check_numerics(fp32: tuple[Path, np.ndarray], out: Path, info: dict, precis
 def test_int8_safe_quantizes_only_matmuls(fp32) -> None:
     out, info = _quantize(fp32[0], "int8", "safe")
     assert tuple(k for k in info if k not in OPTIONAL_INFO_KEYS) == INFO_KEYS
-    assert info["quantized_ops"] == {"BATCH_MATMUL": 4, "CONV_2D": 1, "FULLY_CONNECTED": 9}
+    assert info["quantized_ops"] == {"CONV_2D": 1, "FULLY_CONNECTED": 9}
     assert set(TRANSFORMER_FLOAT_OPS) <= set(info["float_ops"])
-    for op in ("FULLY_CONNECTED", "CONV_2D", "BATCH_MATMUL"):  # attention's matmuls too
+    for op in ("FULLY_CONNECTED", "CONV_2D"):
         assert _input_dtypes(out, op) == {"INT8"}, op
-    for op in TRANSFORMER_FLOAT_OPS:
+    for op in (*TRANSFORMER_FLOAT_OPS, "BATCH_MATMUL"):  # attention's activation x activation matmuls: float
         assert _input_dtypes(out, op) == {"FLOAT32"}, op
+    # so XNNPACK takes the whole graph: it has no int8 kernel for a matmul of two activations
+    session = LiteRTSession({"artifact": str(out), "threads": 1, "options": {}})
+    assert session.info["delegate_partitions"] == 1 and session.info["outside_delegate"] == {}
     assert info["activations"].startswith("int8 per-tensor") and "min/max" in info["activations"]
     assert _check_numerics(fp32, out, info, "int8") > 25  # measured 30.7 dB
 
