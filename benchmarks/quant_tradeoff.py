@@ -177,6 +177,28 @@ def markdown(rows: list[dict[str, Any]], goal_rows: list[dict[str, Any]]) -> str
     return "\n".join(lines)
 
 
+def _measure(opts: BenchOptions, args: argparse.Namespace, models: list[str],
+             precisions: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The interleaved timed run, then (for int8) a separate short profiled run: profiling slows runs down."""
+    progress = lambda msg, n: print(msg, file=sys.stderr, flush=True) if n == 0 else None  # noqa: E731
+    result = run_bench(opts, progress)
+    if not (args.profile_runs and "int8" in precisions):
+        return result, None
+    return result, run_bench(BenchOptions(models=models, precision="int8", targets=list(CPU_TARGETS),
+                                          runs=args.profile_runs, rounds=2, out=args.out / "profile", profile=True,
+                                          roofline=False, quant_scheme=args.quant_scheme, cache=args.out / "cache"),
+                             progress)
+
+
+def _earlier_bench(out: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The results an earlier run of this script wrote to OUT (a one-line error if there are none)."""
+    if not (out / "bench.json").is_file():
+        print(f"error: --reuse-bench: no {out / 'bench.json'}; run once without it first", file=sys.stderr)
+        sys.exit(2)
+    profile = out / "profile" / "bench.json"
+    return json.loads((out / "bench.json").read_text()), json.loads(profile.read_text()) if profile.is_file() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(FAMILY))
@@ -189,23 +211,23 @@ def main() -> None:
                         help="runs of the short profiled bench for the kernel floor (0: skip it)")
     parser.add_argument("--out", type=Path, default=Path("bench-quant"))
     parser.add_argument("--json", type=Path, help="also write the table, goals and bench result here")
+    parser.add_argument("--reuse-bench", action="store_true",
+                        help="take the timings from OUT/bench.json (and OUT/profile/bench.json) of an earlier run "
+                             "instead of measuring again")
     args = parser.parse_args()
-    models, precisions = args.models.split(","), args.precisions.split(",")
+    # fp32 is always measured (the reference every ratio is to): a list that names it means the same
+    models, precisions = args.models.split(","), [p for p in args.precisions.split(",") if p != "fp32"]
     opts = BenchOptions(models=models, precision=",".join(["fp32", *precisions]), targets=list(CPU_TARGETS),
                         runs=args.runs, rounds=args.rounds, out=args.out, quant_scheme=args.quant_scheme)
-    progress = lambda msg, n: print(msg, file=sys.stderr, flush=True) if n == 0 else None  # noqa: E731
-    result = run_bench(opts, progress)
-    profiled = None
-    if args.profile_runs and "int8" in precisions:  # separate: profiling slows the timed runs down
-        profiled = run_bench(BenchOptions(models=models, precision="int8", targets=list(CPU_TARGETS),
-                                          runs=args.profile_runs, rounds=2, out=args.out / "profile", profile=True,
-                                          roofline=False,
-                                          quant_scheme=args.quant_scheme, cache=args.out / "cache"), progress)
     from edgevit.devices.report import finding_lines, gemm_lines, machine_lines, write_all
 
-    write_all(result, args.out)
-    if profiled is not None:
-        write_all(profiled, args.out / "profile")  # the per-op profiles behind the kernel floor
+    if args.reuse_bench:
+        result, profiled = _earlier_bench(args.out)
+    else:
+        result, profiled = _measure(opts, args, models, precisions)
+        write_all(result, args.out)
+        if profiled is not None:
+            write_all(profiled, args.out / "profile")  # the per-op profiles behind the kernel floor
     accuracy = accuracy_rows(args.accuracy, models, precisions, args.quant_scheme)
     rows = tradeoff_rows(result, accuracy)
     goal_rows = goals(result, models, profiled)
