@@ -21,7 +21,8 @@ over the same bound. Those kernels run at the model's small shapes, not the larg
 alone is above the limit, no graph change can meet the goal on that runtime (the table says "kernels").
 
 Run: ``python benchmarks/quant_tradeoff.py [--models deit_tiny,mobilevit_v2_050] [--precisions int8,w8,w4]
-[--accuracy quant_accuracy.json] [--runs 40 --rounds 10] [--out DIR] [--json FILE]``.
+[--accuracy quant_accuracy.json] [--runs 40 --rounds 10] [--out DIR] [--json FILE] [--reuse-bench]``
+(``--reuse-bench``: the timings of an earlier run in OUT, e.g. to redo only the accuracy step).
 """
 
 from __future__ import annotations
