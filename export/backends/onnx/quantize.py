@@ -167,7 +167,11 @@ def quantize_int8(src: Path, out: Path, spec: QuantSpec,
                             weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
                             calibration_cache_path=str(cache))
 
-        left_float = _run_full_registry(run) if not safe else run(op_types)
+        left_float = None
+        if safe:
+            run(op_types)
+        else:
+            left_float = _run_full_registry(run)
     notes = [f"calibrated on {len(calibration)} samples ({described})"]
     if left_float:
         notes.append(left_float)
