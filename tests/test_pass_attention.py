@@ -473,7 +473,7 @@ def test_einsum_to_matmul_leaves_unsupported_alone(equation: str, shapes: list[t
     ("bij,bjk->bik", [(1, 3, 4), (2, 4, 5)], "Invalid target shape"),
 ])
 def test_einsum_to_matmul_coreml_converts(tmp_path: Path, equation: str, shapes, error: str) -> None:
-    """coremltools 9.0 fails on these equations (R9: #1359/#1537/#2644); the matmul form converts."""
+    """coremltools 9.0 fails on these equations (coremltools issues #1359, #1537, #2644); the matmul form converts."""
     xs = tuple(torch.randn(s) for s in shapes)
     model = Fn(lambda m, *ops: torch.einsum(equation, *ops))
     with pytest.raises(Exception, match=error):

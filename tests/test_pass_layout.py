@@ -454,7 +454,7 @@ def test_plan_low_rank_random_rank6_views(seed: int) -> None:
 
 
 def test_plan_low_rank_counts_steps_for_known_layouts() -> None:
-    """Window partition is one transpose (R2's rank-4 form); patchify needs two."""
+    """Window partition is one transpose (its rank-4 form); patchify needs two."""
     x = torch.arange(1 * 8 * 12 * 4).reshape(1, 8, 12, 4)
     windows = x.view(1, 4, 2, 6, 2, 4).permute(0, 1, 3, 2, 4, 5).reshape(-1, 2, 2, 4)
     ops = plan_low_rank(x.shape, windows)

@@ -1,6 +1,6 @@
 """Zoo-wide export matrix: the smallest model of every family x four targets, against KNOWN_FAILURES.
 
-The issue-2 families (vit, mobilevit_v2) are covered by test_export_matrix.py and are not repeated.
+The two default families (vit, mobilevit_v2) are covered by test_export_matrix.py and are not repeated.
 With ``pytest --full-zoo`` every registered model (all variants, vit and mobilevit_v2 included) also
 gets its ONNX and Core ML cells (marker ``full_zoo``; ~1 h here, so not in the 30-minute CI run: the
 nightly workflow runs it). Each Core ML cell records its checks as junit properties.

@@ -264,7 +264,7 @@ class EinsumToMatmul(ViewRepairing, GraphPass):
     labels in one operand (diagonals/traces) and three or more operands alone.
     Why: coremltools lowers only whitelisted equations natively and its generic path
     fails on others — coremltools 9.0: ``ij,jk`` → "unsupported einsum equation ij,jk",
-    ``...qd,...kd->...qk`` → "perm should have the same length as rank(x): 5 != 4" (#2644),
+    ``...qd,...kd->...qk`` → "perm should have the same length as rank(x): 5 != 4" (coremltools issue #2644),
     a broadcast batch label → "Invalid target shape in `reshape` op"; ONNX ``Einsum`` is in neither
     the NNAPI nor the Core ML EP op list of the ORT mobile checker. MatMul/Transpose/Reshape are
     supported everywhere. Note: on Core ML this also rewrites the ANE reference equations that R9
@@ -318,7 +318,7 @@ def _constant_mask(mask: torch.Tensor, dtype: torch.dtype, rank: int) -> tuple[t
 class SdpaToExplicit(GraphPass):
     """``scaled_dot_product_attention`` → (q·scale) @ kᵀ (+ mask) → softmax(-1) → @ v.
 
-    Boolean masks become an additive constant with -1e4 at masked positions (R5); float masks are
+    Boolean masks become an additive constant with -1e4 at masked positions; float masks are
     added as they are; ``is_causal`` becomes a constant mask; rows that SDPA would zero (nothing to
     attend to) are zeroed by a constant multiplier. A runtime boolean mask becomes
     ``(float(mask) - 1) * 1e4`` with an ``amax`` row guard; a runtime float mask, dropout > 0,
@@ -328,8 +328,8 @@ class SdpaToExplicit(GraphPass):
     Why: the ONNX exporter lowers a boolean-masked SDPA with ``IsNaN`` + ``Where``
     (its safe softmax), which the NNAPI and Core ML EPs do not take (two partitions), and litert-torch
     adds SELECT_V2 for ``is_causal``; coremltools' SDPA lowering failed for DETR's nn.Transformer
-    (#2155). The explicit matmul-softmax-matmul in (B, H, N, D) with softmax on the last axis is
-    what every backend runs (R1/R3).
+    (coremltools issue #2155). The explicit matmul-softmax-matmul in (B, H, N, D) with softmax on the last axis is
+    what every backend runs.
     Exact up to float re-association (scale applied to q once instead of √scale to q and k;
     |Δ| ~ (D + S)·2⁻²⁴ relative), and exact in fp32 for -1e4 vs -inf on rows not fully masked.
     """

@@ -29,7 +29,7 @@ class SoftmaxLastAxis(ViewRepairing, GraphPass):
     lowers ``softmax(x, dim=1)`` to six ops (REDUCE_MAX, MAXIMUM, SUB, EXP, SUM, DIV) instead of
     one SOFTMAX; the ORT XNNPACK EP takes ``Softmax`` only when ``axis`` is the last dim
     (xnnpack/math/softmax.cc). Not wanted by Core ML: the ANE layout (B, C, 1, S) normalises over
-    dim=1 on purpose (R3), nor by OpenVINO, which handles any axis.
+    dim=1 on purpose, nor by OpenVINO, which handles any axis.
     Exact up to float re-association: the same reduction runs over the same elements; the kernel's
     summation order can differ, so outputs agree to ~(n+3)·2⁻²⁴ relative (n = softmax length).
     The result is a transposed view; a later ``view`` that needs the original strides becomes a
@@ -57,16 +57,16 @@ class SoftmaxLastAxis(ViewRepairing, GraphPass):
 class SoftmaxDropUnitDims(ViewRepairing, GraphPass):
     """A last-axis softmax on a tensor with unit dims between batch and last → reshape them away and back.
 
-    Also ``log_softmax``. Before: ``softmax(q: (B, 1, P, N), -1)`` where ``q`` is a channel slice of a 1x1 conv (MobileViT v2's
-    separable attention). After: ``reshape(softmax(reshape(q, (B, P, N)), -1), (B, 1, P, N))``.
+    Also ``log_softmax``. Before: ``softmax(q: (B, 1, P, N), -1)`` where ``q`` is a channel slice of a 1x1
+    conv (MobileViT v2's separable attention). After: ``reshape(softmax(reshape(q, (B, P, N)), -1), (B, 1, P, N))``.
     Why: litert-torch lowers the conv in NHWC between transposes; the converter's layout propagation then
     treats the transpose of a tensor with one channel as a reshape, moves it past the softmax and leaves a
     softmax over a non-last NHWC axis, which it writes as six ops (REDUCE_MAX, MAXIMUM, SUB, EXP, SUM, DIV)
     instead of one SOFTMAX. EXP and REDUCE_MAX stay float in a full-integer model (no int8 form in
     ai-edge-quantizer; the NNAPI delegate has no int8 EXP/SUM/DIV either). Without the unit dim the transpose
     is not a reshape and the SOFTMAX survives. On XNNPACK in fp32 both forms take the same time
-    (MobileViT-v2-0.5, interleaved A/B: 1.00x). Exact: the reshapes are views; the same softmax runs on the same rows.
-    Batch is kept (dim 0), and a softmax without an inner unit dim is left alone (DeiT's (B, H, N, N)).
+    (MobileViT-v2-0.5, interleaved A/B: 1.00x). Exact: the reshapes are views; the same softmax runs on the
+    same rows. Batch is kept (dim 0), and a softmax without an inner unit dim is left alone (DeiT's (B, H, N, N)).
     """
 
     name = "softmax_drop_unit_dims"

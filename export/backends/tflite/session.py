@@ -130,30 +130,25 @@ def delegate_placement(interpreter: Any) -> dict[str, Any]:
     ip = interpreter._interpreter  # no public API lists nodes
     names = [ip.NodeName(i) for i in range(ip.NumNodes())]
     partitions = [i for i, name in enumerate(names) if name == "DELEGATE"]
-    ops = [i for i, name in enumerate(names) if name != "DELEGATE"]
-    leaving = {t for d in partitions for t in ip.NodeOutputs(d)}
-    entering = {t for d in partitions for t in ip.NodeInputs(d)}
+    ops = [i for i, name in enumerate(names) if name != "DELEGATE"]  # the model's ops, in execution order
+    leaving = {int(t) for d in partitions for t in ip.NodeOutputs(d)}
+    entering = {int(t) for d in partitions for t in ip.NodeInputs(d)}
     entering |= {d["index"] for d in interpreter.get_output_details()} - leaving
     readers: dict[int, list[int]] = {}
     for i in ops:
         for t in ip.NodeInputs(i):
             readers.setdefault(int(t), []).append(i)
     delegated: dict[int, bool] = {}
-    for i in ops:
+    for i in reversed(ops):  # readers come later in execution order: each is decided before its producer
         outs = [int(t) for t in ip.NodeOutputs(i)]
         if any(t in leaving for t in outs):
             delegated[i] = True
         elif any(t in entering for t in outs):
             delegated[i] = False
-    changed = True
-    while changed:  # an op between two ops takes its reader's side
-        changed = False
-        for i in ops:
-            if i in delegated:
-                continue
-            known = [delegated[r] for t in ip.NodeOutputs(i) for r in readers.get(int(t), []) if r in delegated]
-            if known:
-                delegated[i], changed = known[0], True
+        else:  # its outputs stay between ops: on the side of a reader
+            sides = [delegated[r] for t in outs for r in readers.get(t, []) if r in delegated]
+            if sides:
+                delegated[i] = sides[0]
     outside: dict[str, int] = {}
     for i in ops:
         if delegated.get(i) is False:

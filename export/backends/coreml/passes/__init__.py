@@ -1,9 +1,9 @@
 """The Core ML backend's own passes: the Apple Neural Engine layout, token tensors in (B, C, 1, S).
 
 Apple's ml-ane-transformers principles: the ANE's native layout is channels-first 4-D, so a sequence
-of S tokens with C channels is kept as (B, C, 1, S) (A1), every ``nn.Linear`` becomes a 1x1
-``Conv2d`` (A2), LayerNorm normalises over dim 1 of that tensor (A6/R7) and multi-head attention runs
-one head at a time with the softmax on dim 1 (A3/A4/A5). Apple does this by rewriting the model by
+of S tokens with C channels is kept as (B, C, 1, S), every ``nn.Linear`` becomes a 1x1
+``Conv2d``, LayerNorm normalises over dim 1 of that tensor and multi-head attention runs
+one head at a time with the softmax on dim 1. Apple does this by rewriting the model by
 hand (reference model and ANE model side by side, checked by a numerical equivalence test); here it
 is four graph passes that apply to any captured model, one module each, run in this order (``ORDER``
 in ``export/passes/__init__.py``, after every generic rewrite so that they see the final op set):

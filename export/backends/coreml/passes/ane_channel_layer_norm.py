@@ -1,6 +1,6 @@
 """``ane_channel_layer_norm``: LayerNorm over the channels of (B, S, C) as a norm over dim 1 of (B, C, 1, S).
 
-Apple's ``LayerNormANE`` (ml-ane-transformers principles A6/R7), converted only next to BC1S ops so
+Apple's ``LayerNormANE`` (ml-ane-transformers), converted only next to BC1S ops so
 that it removes layout changes instead of adding them; see the package docstring for the whole ANE layout.
 """
 
@@ -36,7 +36,7 @@ class AneChannelLayerNorm(ViewRepairing, _PruningPass):
     It is written in primitives (mean over dim 1, centred square mean, rsqrt, scale) that coremltools
     fuses into one MIL ``layer_norm`` with ``axes=[1]``, and applies the affine as
     ``out * weight + bias`` — torch's order, NOT Apple's ``(out + bias) * weight`` whose weight
-    conversion divides by weight (R7). eps is kept as is (Apple's 1e-12 -> 1e-7 change is an fp16
+    conversion divides by weight. eps is kept as is (Apple's 1e-12 -> 1e-7 change is an fp16
     accuracy choice, not a layout one). A norm is converted only when its input comes from, or its
     output goes to, BC1S ops (a convertible linear, an existing layout change, or a region of
     element-wise ops that touches one), so a lone LayerNorm is left alone.

@@ -1,7 +1,7 @@
 """``ane_linear_to_conv``: every ``linear`` on (B, S, C) / (B, C) tokens as a 1x1 ``conv2d`` on (B, C, 1, S).
 
 The ANE's native matmul is the 1x1 convolution on channels-first 4-D tensors (ml-ane-transformers
-principle A2); see the package docstring for the whole ANE layout.
+principles); see the package docstring for the whole ANE layout.
 """
 
 from __future__ import annotations
