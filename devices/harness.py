@@ -4,8 +4,8 @@ Protocol (per configuration, each in its own process, see ``devices/worker.py``,
 1. load the artifact (load time) and run it once (first-inference time);
 2. ``warmup`` untimed inferences;
 3. ``rounds`` rounds; in each, every live configuration runs one block (``block_warmup`` untimed
-   inferences, then the timed ones; a ``gap_s`` pause before each block lets the previous runtime's
-   spinning threads go to sleep), the order
+   inferences, and more for ``block_warmup_s``, then the timed ones; a ``gap_s`` pause before each block
+   lets the previous runtime's spinning threads go to sleep), the order
    alternating A B C / C B A between rounds, so slow drifts of the machine (other jobs, clocks) hit all
    configurations alike and ratios are taken between blocks run side by side;
 4. finish: peak RSS of the worker and, on request, the runtime's per-op profile.
@@ -169,6 +169,10 @@ class Protocol:
     budget_s: float | None = None  # optional cap on the timed time of one configuration
     block_warmup: int = 1  # untimed inferences at the start of every block: caches and thread pools
                            # go cold while the other configurations run
+    block_warmup_s: float = 0.05  # ... and more of them until this long has passed: after the gap's idle a
+    # shared VM gives a 2-thread runtime both cores back at full speed only after tens of ms (LiteRT int8
+    # MobileViT-v2-0.5, 2 threads, blocks of 5 after a 0.2 s pause: block medians 3.6-8.5 ms, median 7.25,
+    # with one warm-up run; 3.3-4.1 ms, median 3.5-3.8, with 50 ms of warm-up; 3.35 ms run back to back)
     gap_s: float = 0.2  # pause between blocks: runtimes' worker threads spin-wait for a while after a
                         # run (OpenMP, onnxruntime); on 2 cores that would slow the next block down
     load_timeout_s: float = 300.0
@@ -205,7 +209,8 @@ def measure(configs: list[Config], protocol: Protocol = Protocol(),
                 time.sleep(protocol.gap_s)
                 _step(results[i], workers, i, lambda w: results[i].rounds[-1].extend(w.request(
                     {"cmd": "run", "runs": protocol.block(), "warmup": protocol.block_warmup,
-                     "budget_s": block_budget}, protocol.run_timeout_s)["times_ms"]))
+                     "warmup_s": protocol.block_warmup_s, "budget_s": block_budget},
+                    protocol.run_timeout_s)["times_ms"]))
         for i in list(workers):
             _step(results[i], workers, i, lambda w: _finish(w, results[i], protocol))
             if i in workers:

@@ -414,11 +414,14 @@ class Worker:
         return {"load_ms": load_ms, "first_ms": first_ms, "info": self.session.info,
                 "platform": _platform()}
 
-    def run(self, runs: int, warmup: int = 0, budget_s: float | None = None) -> dict[str, Any]:
-        """``warmup`` untimed inferences, then ``runs`` timed ones (stopping early once ``budget_s`` is spent)."""
+    def run(self, runs: int, warmup: int = 0, budget_s: float | None = None, warmup_s: float = 0.0) -> dict[str, Any]:
+        """Untimed inferences (``warmup`` of them, and more until ``warmup_s`` seconds have passed), then ``runs``
+        timed ones (stopping early once ``budget_s`` is spent)."""
         assert self.session is not None, "load first"
-        for _ in range(warmup):
+        deadline, done = time.perf_counter() + warmup_s, 0
+        while done < warmup or time.perf_counter() < deadline:
             self.session.run(self.inputs)
+            done += 1
         times: list[float] = []
         deadline = None if budget_s is None else time.perf_counter() + budget_s
         for _ in range(runs):
@@ -457,7 +460,8 @@ def serve(stdin: Any = None, stdout: Any = None) -> None:
             if msg["cmd"] == "load":
                 reply = worker.load(msg["config"])
             elif msg["cmd"] == "run":
-                reply = worker.run(int(msg["runs"]), int(msg.get("warmup", 0)), msg.get("budget_s"))
+                reply = worker.run(int(msg["runs"]), int(msg.get("warmup", 0)), msg.get("budget_s"),
+                                   float(msg.get("warmup_s", 0.0)))
             elif msg["cmd"] == "finish":
                 reply = worker.finish()
             else:

@@ -122,6 +122,29 @@ def test_a_time_budget_stops_the_timed_runs_early() -> None:
     assert m.ok and len(m.rounds) == 2 and all(2 <= len(r) <= 8 for r in m.rounds)
 
 
+def test_block_warmup_runs_untimed_for_its_time() -> None:
+    import time
+
+    from edgevit.devices.worker import Worker
+
+    class Clocked:  # records when each inference starts
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+
+        def run(self, inputs: list) -> list:
+            self.starts.append(time.perf_counter())
+            time.sleep(0.002)
+            return []
+
+    worker, session = Worker(), Clocked()
+    worker.session = session
+    assert len(worker.run(2, warmup=3)["times_ms"]) == 2 and len(session.starts) == 5  # by count alone
+    session.starts.clear()
+    t0 = time.perf_counter()
+    assert len(worker.run(2, warmup=1, warmup_s=0.05)["times_ms"]) == 2
+    assert len(session.starts) >= 4 and session.starts[-2] - t0 >= 0.05  # the timed runs start after 50 ms
+
+
 def test_profile_is_collected_on_request() -> None:
     config = fake("p")
     config.worker["profile"] = True

@@ -37,7 +37,7 @@ def bench_cmd(
     remote_python: Optional[str] = typer.Option(None, "--remote-python", help="Python on the remote [default: python3, or the devices file's]."),
     devices_file: Optional[Path] = typer.Option(None, "--devices-file", help="Devices file [default: edgevit-devices.toml or pyproject.toml here]."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="int8: images (a folder) or a .npz of inputs to calibrate with [default: 32 seeded inputs: right speed, not accuracy]."),
-    quant_scheme: str = typer.Option("safe", "--quant-scheme", help="int8: safe (matmuls/convs only) or full (every op the tool can)."),
+    quant_scheme: str = typer.Option("safe", "--quant-scheme", help="int8: safe (matmuls/convs; on LiteRT/XNNPACK also the ops between them when measured harmless) or full (every op the tool can)."),
     calibration_method: str = typer.Option("auto", "--calibration-method", help="int8: auto (the backend's default), percentile, entropy or minmax."),
 ) -> None:
     """Measure inference latency of models (zoo or references) on every runtime of a device, against PyTorch eager.
