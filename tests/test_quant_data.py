@@ -220,19 +220,34 @@ def test_cli_empty_calibration_folder_is_one_line_exit_2(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_cli_int8_export_prints_the_quantized_table_and_the_few_images_warning(tmp_path: Path) -> None:
     """The whole CLI path once: calibration folder -> export child -> quantized table + manifest."""
-    import json
-
-    _write_images(tmp_path / "cal", 20, size=40)
-    proc = subprocess.run([sys.executable, "-m", "edgevit.cli", "export", "deit_tiny", "--target", "onnx",
-                           "--precision", "int8", "--calibration", str(tmp_path / "cal"), "--input-size", "32",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc, manifest = _cli_int8_export(tmp_path, "onnx", images=20)
     assert "quantized vs fp32" in proc.stdout and "stayed float:" in proc.stdout
     assert "only 20 calibration images" in proc.stderr
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     q = manifest["quantization"]
     assert manifest["precision"] == "int8" and manifest["status"] == "passed"
     assert q["calibration"]["images"] == 20 and q["calibration"]["held_out"] == 2  # every 8th of 20 samples
     assert q["method"] == "percentile" and q["scheme"] == "safe"  # "auto" resolved to onnxruntime's default
     assert q["size_ratio"] < 0.35 and q["gate"]["outputs"][0]["sqnr_db"] >= q["gate"]["required_sqnr_db"]
     assert "LayerNormalization" in q["float_ops"]  # the safe preset keeps the norms float
+
+
+@pytest.mark.slow
+def test_cli_tflite_int8_export_says_which_int8_region_it_kept(tmp_path: Path) -> None:
+    """LiteRT `safe` int8 on XNNPACK: the manifest records the widening decision and the CLI prints it."""
+    proc, manifest = _cli_int8_export(tmp_path, "tflite", images=32)
+    region = manifest["quantization"]["int8_region"]
+    assert region["kept"] in ("widened", "matmul-only") and region["ops"]
+    assert f"tflite int8: {region['note']}" in " ".join(proc.stdout.split())  # soft-wrapped by the console
+
+
+def _cli_int8_export(tmp_path: Path, target: str, images: int) -> tuple[subprocess.CompletedProcess, dict]:
+    """`edgevit export deit_tiny --precision int8` at 32 px, calibrated on ``images`` written images: the
+    finished process (asserted successful) and the manifest."""
+    import json
+
+    _write_images(tmp_path / "cal", images, size=40)
+    proc = subprocess.run([sys.executable, "-m", "edgevit.cli", "export", "deit_tiny", "--target", target,
+                           "--precision", "int8", "--calibration", str(tmp_path / "cal"), "--input-size", "32",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, json.loads((tmp_path / "out" / "manifest.json").read_text())

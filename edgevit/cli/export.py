@@ -50,8 +50,9 @@ def export_cmd(
         None, "--eval", help="Quantized: a labelled folder (one sub-folder per class): top-1/top-5 of fp32 and "
         "the artifact, the drop with a 95% interval."),
     quant_scheme: str = typer.Option(
-        "safe", "--quant-scheme", help="int8: 'safe' (Linear/Conv/MatMul only; norms, softmax, GELU, residual "
-        "adds stay float) or 'full' (every op the tool can)."),
+        "safe", "--quant-scheme", help="int8: 'safe' (Linear/Conv/MatMul; norms, softmax, GELU, residual "
+        "adds stay float; on LiteRT/XNNPACK the ops between the matmuls too when measured harmless) or 'full' "
+        "(every op the tool can)."),
     calibration_method: str = typer.Option(
         "auto", "--calibration-method", help="int8: percentile, entropy or minmax activation ranges [default "
         "'auto': the backend's own default, see docs/quantization.md]."),
@@ -224,6 +225,9 @@ def report(manifests: list[dict], as_json: bool) -> None:
             kept = ", ".join(f"{op} x{n}" for op, n in sorted(q.get("float_ops", {}).items())) or "none"
             out_console.print(f"{m['target']} {m['precision']}: {q['tool']}; weights {q['weights']}, activations "
                               f"{q['activations']}; stayed float: {kept}", highlight=False, soft_wrap=True)
+            if q.get("int8_region"):  # which int8 region LiteRT's `safe` scheme kept, and why
+                out_console.print(f"{m['target']} {m['precision']}: {escape(q['int8_region']['note'])}",
+                                  highlight=False, soft_wrap=True)
             warning = (q.get("calibration") or {}).get("warning")
             if warning:  # logged in the export child, whose stderr is not shown: say it here
                 err_console.print(f"[yellow]warning:[/] {m['target']}: {warning}; activation ranges from so few "

@@ -47,8 +47,9 @@ INFO_KEYS = (
     "notes",  # [str]: anything a user should know (e.g. "Core ML int8 activations calibrated with ...")
 )
 #: what a quantizer may add to INFO_KEYS: the quantized-graph passes that ran (export/quantization/passes.py),
-#: and the runtime settings the artifact must be loaded with to run as measured ("session_config")
-OPTIONAL_INFO_KEYS = ("passes", "session_config")
+#: the runtime settings the artifact must be loaded with to run as measured ("session_config"), and which int8
+#: region LiteRT's `safe` scheme kept on XNNPACK ("int8_region", export/backends/tflite/int8_region.py)
+OPTIONAL_INFO_KEYS = ("passes", "session_config", "int8_region")
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def int8_bound_db(sites: int) -> float:
     return required_sqnr_db("int8", sites)
 
 
-def _powers(reference: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> list[tuple[float, float]]:
+def output_powers(reference: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> list[tuple[float, float]]:
     """Per output: (signal power of the reference, error power of ``outs``); inf error for a wrong shape or a
     non-finite value."""
     if len(reference) != len(outs):
@@ -193,8 +193,10 @@ def _powers(reference: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> list
     return powers
 
 
-def _worst_sqnr_db(powers: list[tuple[float, float]]) -> float:
-    return min((math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf))
+def worst_sqnr_db(powers: list[tuple[float, float]]) -> float:
+    """The lowest SQNR (dB) of :func:`output_powers`' (signal, error) pairs."""
+    return min((math.inf if noise == 0 else (10 * math.log10(signal / noise) if 0 < signal and noise < math.inf
+                                             else -math.inf))
                for signal, noise in powers)
 
 
@@ -204,7 +206,7 @@ def within_int8_arithmetic(reference: Sequence[np.ndarray], before: Sequence[np.
     quantizers may add (per output, in power). A rewrite that removes quantizers moves the outputs *towards*
     fp32 and always passes; one that re-rounds them may add at most that noise."""
     allowed = 10 ** (-int8_bound_db(sites) / 10)
-    old, new = _powers(reference, before), _powers(reference, after)
+    old, new = output_powers(reference, before), output_powers(reference, after)
     return len(old) == len(new) and all(n <= o + allowed * s for (s, o), (_, n) in zip(old, new))
 
 
@@ -256,8 +258,8 @@ def _try_pass(cls: type[ArtifactPass], model: M, executor: Executor[M], referenc
         outs = executor.outputs(candidate)
     except Exception as exc:
         return _rolled_back(report, f"the rewritten artifact does not load or run: {_first_line(exc)}"), model, before
-    report.sqnr_before_db = _worst_sqnr_db(_powers(reference, before))
-    report.sqnr_after_db = _worst_sqnr_db(_powers(reference, outs))
+    report.sqnr_before_db = worst_sqnr_db(output_powers(reference, before))
+    report.sqnr_after_db = worst_sqnr_db(output_powers(reference, outs))
     report.allowed_db = int8_bound_db(report.sites)
     if not within_int8_arithmetic(reference, before, outs, report.sites):
         why = (f"it moved the outputs away from fp32 beyond int8 arithmetic: SQNR {report.sqnr_before_db:.1f} -> "

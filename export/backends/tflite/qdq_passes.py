@@ -82,6 +82,10 @@ class TfliteExecutor:
     def reference(self) -> list[np.ndarray]:
         return self._run(self.fp32_model.read_bytes())
 
+    def outputs_of(self, path: Path) -> list[np.ndarray]:
+        """The outputs of the .tflite file at ``path`` on the samples."""
+        return self._run(Path(path).read_bytes())
+
     def _run(self, content: bytes) -> list[np.ndarray]:
         from ai_edge_litert.interpreter import Interpreter
 
