@@ -1,8 +1,8 @@
 """What each quantized precision buys and costs, in one table: accuracy drop, speed-up, size (and the goals).
 
-Speed: one interleaved ``edgevit bench`` run of the zoo models (DeiT-Tiny and MobileViT-v2-0.5 at 224) on
-every CPU runtime here, at fp32 and each quantized precision (artifacts from the quantization pipeline,
-calibrated on seeded inputs: the values decide scales, not kernels). Accuracy: the quantization table of
+Speed: one interleaved ``edgevit bench`` run of the zoo models (DeiT-Tiny at 224, MobileViT-v2-0.5 at 256:
+their native sizes) on every CPU runtime here, at fp32 and each quantized precision (artifacts from the
+quantization pipeline, calibrated on seeded inputs: the values decide scales, not kernels). Accuracy: the quantization table of
 ``benchmarks/quant_accuracy.py`` (the same backends and precisions on the two families trained on
 scikit-learn's digits, since no pretrained weights or ImageNet can be downloaded here): ``--accuracy
 FILE`` reuses its ``--json`` output, else the cells are run now. The two are linked by (family, backend,
