@@ -62,8 +62,10 @@ def with_outlier_channels(model: torch.nn.Module, channels: tuple[int, ...] = (5
 def test_outlier_channels_cost_the_full_scheme_more_than_the_safe_preset(trained: tuple, tmp_path: Path) -> None:
     """Per-tensor int8 spends its levels on the outliers: both schemes quantize the Linear inputs where they sit
     (SQNR falls ~13 dB from the unstressed model's for safe, ~10 dB for full); full adds the noise of the
-    norms, softmax and residual adds on top, which is what takes it past the goal. Measured (2026-12-04):
-    safe -0.2 points / 20.7 dB, full +1.0 point / 17.9 dB; unstressed: safe 34.1 dB, full 28.1 dB."""
+    norms, softmax and residual adds on top. Measured (2026-12-04): safe -0.2 points / 20.7 dB, full +1.0 point /
+    17.9 dB; unstressed: safe 34.1 dB, full 28.1 dB. The SQNR is what is compared: the top-1 drops differ by one
+    or two of the ~500 held-out digits and their order flips between trainings (2026-12-05, a CI run: safe -0.4,
+    full -0.6 points), so only the safe preset's drop is held to its goal."""
     model, folders, fp32_top1 = trained
     stressed = with_outlier_channels(model)
     assert quant_models.top1(stressed, folders["eval"], 32) == pytest.approx(fp32_top1, abs=0.25)  # same function
@@ -71,4 +73,3 @@ def test_outlier_channels_cost_the_full_scheme_more_than_the_safe_preset(trained
     full = quant_accuracy.run_cell(stressed, "deit", folders, "onnx", "int8", tmp_path / "full", scheme="full")
     assert safe["drop"] <= quant_accuracy.GOALS["int8"]["max_drop"], safe
     assert full["sqnr_db"] < safe["sqnr_db"], (full["sqnr_db"], safe["sqnr_db"])
-    assert full["drop"] > safe["drop"], (full["drop"], safe["drop"])
