@@ -11,7 +11,8 @@ convolutions), no QUANTIZE/DEQUANTIZE. No runtime runs the model faster than its
 over the int8 GEMM bound is the least "median / int8 bound" the model can reach on LiteRT.
 
 Run: ``python benchmarks/int8_kernel_floor.py MODEL [--input-size N] [--threads 2] [--rounds 10 --runs 15]``;
-prints one JSON line (model, GMACs of the layers, op counts, floor median ms, per-round medians, versions).
+prints one JSON line (model, GMACs of the layers, op counts, the CPU and its integer units, floor median ms,
+per-round medians, versions).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def median_ms(path: Path, threads: int, rounds: int, runs: int) -> list[float]:
 
 
 def main() -> None:
+    from edgevit.devices.worker import cpu_facts, integer_units_text
     from edgevit.export.backends.tflite.quantize import count_ops
     from edgevit.registry import count_macs, create_model
 
@@ -131,7 +133,8 @@ def main() -> None:
         "model": args.model, "input_size": size, "layers": len(calls),
         "gmacs": count_macs(layers, *inputs) / 1e9,
         "int8_ops": quantized, "float_ops": floating, "conversions": conversions, "threads": args.threads,
-        "floor_ms": statistics.median(rounds), "round_medians_ms": [round(m, 3) for m in rounds],
+        "cpu": (cpu := cpu_facts())["model"], "cpu_flags": cpu["flags"],
+        "integer_units": integer_units_text(cpu["flags"]), "floor_ms": statistics.median(rounds), "round_medians_ms": [round(m, 3) for m in rounds],
         "versions": {p: version(p) for p in ("torch", "litert-torch", "ai-edge-quantizer", "ai-edge-litert")}}
     print(json.dumps(result))
 

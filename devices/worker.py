@@ -520,7 +520,7 @@ def probe() -> dict[str, Any]:
     facts: dict[str, Any] = {"protocol": PROTOCOL, "platform": {
         "system": platform.system(), "machine": platform.machine(), "python": platform.python_version(),
         "executable": sys.executable, "android": _is_android()}}
-    facts["cpu"] = _cpu_facts()
+    facts["cpu"] = cpu_facts()
     facts["accelerator_nodes"] = _accelerator_nodes()
     # runtimes are imported (a broken install shows); torch (and what a backend marks so) is only looked up:
     # importing it costs seconds and tells the devices table nothing more
@@ -559,7 +559,8 @@ def _guarded(read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
 
 
-def _cpu_facts() -> dict[str, Any]:
+def cpu_facts() -> dict[str, Any]:
+    """This machine's CPU: model, cores, and the CPU_FLAGS it has (the ones that decide kernels)."""
     text = ""
     try:
         with open("/proc/cpuinfo") as fh:

@@ -62,17 +62,15 @@ def int8_region(fp32_artifact: Path, matmul_ops: Sequence[str]) -> Region:
 
     Ops are named by their AEQ scope (output tensor names); an op whose scope another op shares is left out,
     since a recipe could not select it alone."""
-    from ai_edge_litert.tools import flatbuffer_utils
+    from edgevit.export.backends.tflite.coverage import _read_tflite
 
-    model = flatbuffer_utils.read_model(str(fp32_artifact))
-    sg = model.subgraphs[0]
-    codes = [flatbuffer_utils.opcode_to_name(model, i) for i in range(len(model.operatorCodes))]
-    names = [_aeq_name(codes[op.opcodeIndex]) for op in sg.operators]
+    g = _read_tflite(Path(fp32_artifact))
+    names = [_aeq_name(op.name) for op in g.ops]
     matmul = set(matmul_ops)
     member = [i for i, n in enumerate(names) if n in matmul or n in XNNPACK_INT8_OPS]
-    root = _components(sg, member)
+    root = _components(g, member)
     with_matmul = {root[i] for i in member if names[i] in matmul}
-    scopes = [_scope(sg, op) for op in sg.operators]
+    scopes = [_scope(g, op) for op in g.ops]
     shared = {s for s, n in Counter(scopes).items() if n > 1}
     return Region([(scopes[i], names[i]) for i in member
                    if names[i] in XNNPACK_INT8_OPS and root[i] in with_matmul and scopes[i] not in shared])
@@ -162,19 +160,13 @@ def _aeq_name(litert_name: str) -> str:
     return "CONV_2D_TRANSPOSE" if litert_name == "TRANSPOSE_CONV" else litert_name
 
 
-def _scope(sg: Any, op: Any) -> str:
+def _scope(g: Any, op: Any) -> str:
     """AEQ's op scope: the op's output tensor names joined by ';', with a trailing ';'."""
-    names = [_name(sg.tensors[t]) for t in op.outputs if t >= 0]
-    names = [n for n in names if n]
+    names = [g.tensors[t].name for t in op.outputs if t >= 0 and g.tensors[t].name]
     return ";".join(names) + ";" if names else ""
 
 
-def _name(tensor: Any) -> str:
-    name = tensor.name
-    return name.decode() if isinstance(name, bytes) else (name or "")
-
-
-def _components(sg: Any, member: list[int]) -> dict[int, int]:
+def _components(g: Any, member: list[int]) -> dict[int, int]:
     """Union-find over ``member`` ops joined by a tensor one produces and another reads: op -> its root."""
     parent = {i: i for i in member}
 
@@ -184,9 +176,9 @@ def _components(sg: Any, member: list[int]) -> dict[int, int]:
             i = parent[i]
         return i
 
-    producer = {t: i for i in member for t in sg.operators[i].outputs if t >= 0}
+    producer = {t: i for i in member for t in g.ops[i].outputs if t >= 0}
     for i in member:
-        for t in sg.operators[i].inputs:
+        for t in g.ops[i].inputs:
             j = producer.get(t)
             if j is not None:
                 parent[find(i)] = find(j)
